@@ -216,13 +216,15 @@ class DataConfig:
         """The raw `datasets.Dataset` this config names (images not yet decoded or checked)."""
         from .data.sources import load_image_caption_dataset
 
+        shapes_kwargs = {}
+        if self.dataset == "shapes":
+            shapes_kwargs = dict(
+                num_images=self.shapes_num_images, size=self.resolution, seed=seed, holdout=self.shapes_holdout
+            )
         return load_image_caption_dataset(
             self.dataset,
             image_column=self.image_column,
             caption_column=self.caption_column,
             max_train_samples=self.max_train_samples,
-            num_images=self.shapes_num_images,
-            size=self.resolution,
-            seed=seed,
-            holdout=self.shapes_holdout,
+            **shapes_kwargs,
         )

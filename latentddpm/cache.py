@@ -1,0 +1,180 @@
+"""Precomputed latents and text embeddings, so training never runs the VAE or the text encoder.
+
+The cache lives in `cache_dir/<key>/`, where the key hashes everything the cached tensors depend on: the
+dataset fingerprint, the VAE and text encoder weights and configs, the tokenizer length and the image
+transform. A second run with the same inputs loads it instead of encoding again; any change makes a new key.
+
+What is stored (safetensors):
+- `latent_mean`, `latent_std` of shape `(N, F, C, h, w)`: the VAE posterior before scaling, for `F` views of
+  each image (1, or 2 when random flips are on: the image and its mirror). Training samples
+  `mean + std * eps` each step, as LDM does, then applies `scale_latents`. `std` is zero for AutoencoderTiny.
+- `text_hidden` `(U + 1, S, D)` and `text_mask` `(U + 1, S)`: one row per unique caption, the last row the
+  empty prompt used for caption dropout (the same unconditional embedding the pipeline uses for CFG).
+- `caption_ids` `(N, K)`: indices into the caption rows for each image's K captions, -1 where an image has fewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .latents import scale_latents
+from .text import encode_prompt
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class LatentCache:
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    caption_ids: torch.Tensor
+    text_hidden: torch.Tensor
+    text_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latent_mean.shape[0]
+
+    @property
+    def empty_prompt_id(self) -> int:
+        return self.text_hidden.shape[0] - 1
+
+    def batch(
+        self,
+        indices: torch.Tensor,
+        vae,
+        generator: torch.Generator,
+        caption_dropout: float = 0.0,
+        sample_posterior: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents and text conditioning for dataset rows `indices` (CPU tensors; move them yourself).
+
+        Draws, with `generator`: the view (mirror or not), one caption per image, caption dropout to the empty
+        prompt, and the posterior sample. Returns `(latents (B, C, h, w), hidden (B, S, D), mask (B, S))`, the
+        latents already scaled with `scale_latents(vae, ...)`.
+        """
+        b = indices.shape[0]
+        views = torch.randint(0, self.latent_mean.shape[1], (b,), generator=generator)
+        mean = self.latent_mean[indices, views].float()
+        std = self.latent_std[indices, views].float()
+        latents = mean + std * torch.randn(mean.shape, generator=generator) if sample_posterior else mean
+
+        ids = self.caption_ids[indices]  # (B, K), -1 padded
+        counts = (ids >= 0).sum(dim=1)
+        pick = (torch.rand(b, generator=generator) * counts).long()
+        caption = ids[torch.arange(b), pick]
+        drop = torch.rand(b, generator=generator) < caption_dropout
+        caption = torch.where(drop, torch.full_like(caption, self.empty_prompt_id), caption)
+        return scale_latents(vae, latents), self.text_hidden[caption].float(), self.text_mask[caption]
+
+
+def tensor_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's config (when it has one) and every parameter and buffer."""
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:  # diffusers' FrozenDict or a transformers PretrainedConfig
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset) -> str:
+    """The `datasets` fingerprint: a hash of the source files (or generator arguments) and every transform."""
+    return dataset._fingerprint
+
+
+def cache_key(**parts) -> str:
+    payload = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _caption_lists(captions: list) -> list[list[str]]:
+    return [c if isinstance(c, (list, tuple)) else [c] for c in captions]
+
+
+@torch.no_grad()
+def build_latent_cache(
+    dataset,
+    *,
+    image_column: str,
+    caption_column: str,
+    transform,
+    vae,
+    tokenizer,
+    text_encoder,
+    random_flip: bool,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> LatentCache:
+    """Encode every image (and its mirror when `random_flip`) and every unique caption once."""
+    views = 2 if random_flip else 1
+    means, stds = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Caching latents", disable=not show_progress):
+        rows = dataset[start : start + batch_size]
+        pixels = torch.stack([transform(image) for image in rows[image_column]]).to(device, vae.dtype)
+        batch_views = [pixels, pixels.flip(-1)][:views]
+        mean_views, std_views = [], []
+        for view in batch_views:
+            encoded = vae.encode(view)
+            if hasattr(encoded, "latent_dist"):  # AutoencoderKL: keep the posterior, sample it per step
+                mean_views.append(encoded.latent_dist.mean.float().cpu())
+                std_views.append(encoded.latent_dist.std.float().cpu())
+            else:  # AutoencoderTiny: deterministic latents
+                mean_views.append(encoded.latents.float().cpu())
+                std_views.append(torch.zeros_like(mean_views[-1]))
+        means.append(torch.stack(mean_views, dim=1))
+        stds.append(torch.stack(std_views, dim=1))
+
+    captions = _caption_lists(dataset[caption_column])
+    unique = sorted({c for caps in captions for c in caps})
+    index = {c: i for i, c in enumerate(unique)}
+    width = max(len(caps) for caps in captions)
+    caption_ids = torch.full((len(captions), width), -1, dtype=torch.long)
+    for row, caps in enumerate(captions):
+        caption_ids[row, : len(caps)] = torch.tensor([index[c] for c in caps])
+
+    hidden, mask = [], []
+    prompts = unique + [""]  # the empty prompt last: caption dropout and CFG's unconditional branch
+    for start in range(0, len(prompts), batch_size):
+        h, m = encode_prompt(prompts[start : start + batch_size], tokenizer, text_encoder, device=device)
+        hidden.append(h.float().cpu())
+        mask.append(m.cpu())
+    return LatentCache(
+        latent_mean=torch.cat(means),
+        latent_std=torch.cat(stds),
+        caption_ids=caption_ids,
+        text_hidden=torch.cat(hidden),
+        text_mask=torch.cat(mask),
+    )
+
+
+def save_latent_cache(cache: LatentCache, folder: str | Path) -> None:
+    """Write atomically: a partial cache is never loaded."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vars(cache).items()}, str(tmp / "cache.safetensors"))
+    tmp.replace(folder)
+
+
+def load_latent_cache(folder: str | Path) -> LatentCache | None:
+    path = Path(folder) / "cache.safetensors"
+    if not path.is_file():
+        return None
+    return LatentCache(**load_file(str(path)))
+
+
+def latent_stats(cache: LatentCache, vae) -> dict[str, float]:
+    """Mean and std of the scaled latents (posterior means), e.g. to check `scaling_factor` is right (std ~ 1)."""
+    scaled = scale_latents(vae, cache.latent_mean[:, 0])
+    return {"latent_mean": scaled.mean().item(), "latent_std": scaled.std().item()}

@@ -1,0 +1,120 @@
+"""Training-time preprocessing: resize, crop, optional flip, to a tensor in [-1, 1]; captions picked per use."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from .images import load_rgb
+
+
+class ImageTransform:
+    """Decodes an image with `load_rgb`, resizes it so its shorter side is `resolution`, crops a `resolution` square,
+    maybe flips it, and returns it as a float tensor in [-1, 1], the range the VAE encodes (as in diffusers'
+    `train_text_to_image.py`).
+
+    Args:
+        resolution (`int`): Side of the output square, in pixels.
+        center_crop (`bool`, defaults to `True`): Crop the centre; otherwise a random square, drawn from `generator`.
+        random_flip (`bool`, defaults to `False`): Mirror left-right with probability 1/2. Off by default because it
+            contradicts captions that name sides: on the shapes dataset it turns "a red square in the top left" into
+            a red square in the top right.
+    """
+
+    def __init__(self, resolution: int, center_crop: bool = True, random_flip: bool = False):
+        if resolution < 1:
+            raise ValueError(f"resolution must be a positive integer, got {resolution}.")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    def __call__(self, image: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """
+        Args:
+            image (`PIL.Image.Image`, `bytes`, path, or `dict` with `"bytes"`/`"path"`): Anything `load_rgb` reads,
+                such as a row of an image column after `prepare_image_dataset`.
+            generator (`torch.Generator`, *optional*): Source of the random crop and flip; the global torch RNG if
+                omitted (which `DataLoader` seeds differently in each worker).
+
+        Returns:
+            `torch.Tensor` of shape (3, resolution, resolution), float32 in [-1, 1].
+        """
+        # Size was checked by `prepare_image_dataset`; here only decoding matters.
+        image = load_rgb(image, min_size=1)
+        if image is None:
+            raise ValueError(
+                "An image cannot be decoded; filter the dataset with `prepare_image_dataset` before training."
+            )
+        width, height = image.size
+        scale = self.resolution / min(width, height)
+        new_size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        if new_size != image.size:
+            # PIL filters with a support that widens when downscaling, so this is antialiased like torchvision's
+            # `Resize` on PIL images.
+            image = image.resize(new_size, Image.Resampling.BILINEAR)
+
+        width, height = image.size
+        if self.center_crop:
+            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+        else:
+            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return pixels / 127.5 - 1.0
+
+
+def pick_caption(caption: str | Sequence[str], generator: torch.Generator | None = None) -> str:
+    """The caption itself, or one drawn uniformly from a list of captions of the same image."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, Sequence) and len(caption) > 0 and all(isinstance(c, str) for c in caption):
+        return caption[int(torch.randint(0, len(caption), (), generator=generator))]
+    raise ValueError(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
+
+
+def with_transform(
+    dataset: Dataset,
+    transform: ImageTransform,
+    image_column: str = "image",
+    caption_column: str = "text",
+    generator: torch.Generator | None = None,
+) -> Dataset:
+    """Makes `dataset[i]` return `{"pixel_values": (3, H, W) tensor, "caption": str}`, decoded on the fly.
+
+    Run `prepare_image_dataset` first: it drops the images `load_rgb` cannot decode, which would raise here.
+
+    Args:
+        dataset (`datasets.Dataset`): Rows with `image_column` and `caption_column`.
+        transform (`ImageTransform`): Applied to every decoded image.
+        image_column (`str`, defaults to `"image"`): Column holding the images.
+        caption_column (`str`, defaults to `"text"`): Column holding a caption or a list of captions per row.
+        generator (`torch.Generator`, *optional*): Source of random crops, flips and caption picks, for runs that
+            load in the main process (`num_workers=0`); workers would each copy it, so leave it unset with workers.
+
+    Returns:
+        The dataset with the transform attached (`datasets.Dataset.with_transform`); use `collate_fn` to batch it.
+    """
+
+    def preprocess(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {
+            "pixel_values": [transform(image, generator=generator) for image in batch[image_column]],
+            "caption": [pick_caption(caption, generator=generator) for caption in batch[caption_column]],
+        }
+
+    return dataset.with_transform(preprocess)
+
+
+def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | list[str]]:
+    """Batches examples of `with_transform`: `pixel_values` (B, 3, H, W) float32 and `captions` (list of B str)."""
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    return {
+        "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
+        "captions": [example["caption"] for example in examples],
+    }

@@ -1,0 +1,106 @@
+"""The denoising objective, kept apart from the model and the sampler.
+
+`diffusion_loss` maps (unet, scheduler, batch, noise, timesteps) to a per-sample loss [B]; the caller weights
+(e.g. `min_snr_weights`) and averages. The scheduler's config decides the target (`prediction_type`) and whether
+the U-Net also predicts its variance (`variance_type="learned_range"`, trained with Improved DDPM's L_hybrid).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_noise(
+    latents: torch.Tensor, generator: torch.Generator | None = None, noise_offset: float = 0.0
+) -> torch.Tensor:
+    """Gaussian noise like `latents`, optionally with a per-channel offset.
+
+    Noise offset (Guttenberg 2023, https://www.crosslabs.org/blog/diffusion-with-offset-noise) lets the model
+    change the mean brightness of an image, which plain Gaussian noise never fully destroys.
+    """
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        offset = torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def sample_timesteps(
+    batch_size: int, num_train_timesteps: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """Uniform timesteps in [0, num_train_timesteps), shape [B], long."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
+
+    The weight min(SNR, gamma) is expressed for the configured target: divided by SNR for epsilon, by SNR + 1
+    for v-prediction, and used as is for sample prediction. Returns ones when `snr_gamma` is None.
+
+    Args:
+        timesteps (`torch.Tensor` of shape `(B,)`): the training timesteps.
+    Returns:
+        `torch.Tensor` of shape `(B,)`, float32.
+    """
+    if snr_gamma is None:
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    snr = scheduler.snr(timesteps).float()
+    clipped = torch.clamp(snr, max=snr_gamma)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def diffusion_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None = None,
+    input_perturbation: float = 0.0,
+    perturbation_noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample denoising loss of `unet` on one batch.
+
+    Args:
+        latents (`torch.Tensor` of shape `(B, C, H, W)`): clean (scaled) latents x_0.
+        noise (`torch.Tensor` of shape `(B, C, H, W)`): the noise that makes x_t; also the epsilon target.
+        timesteps (`torch.Tensor` of shape `(B,)`): training timesteps.
+        encoder_hidden_states (`torch.Tensor` of shape `(B, S, D)`): text encoder states.
+        encoder_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 for tokens to attend to.
+        input_perturbation: scale of the extra noise mixed into x_t only (Ning et al. 2023,
+            https://arxiv.org/abs/2301.11706); the target keeps the original noise.
+        perturbation_noise (`torch.Tensor` like `noise`): the extra noise; required when `input_perturbation`.
+
+    Returns:
+        `(mse, vlb)`: `mse` of shape `(B,)`, the mean squared error to the target of the scheduler's
+        `prediction_type`; `vlb` of shape `(B,)` in bits/dim when the scheduler learns the variance
+        (`learned_range`), computed with the predicted mean detached (Improved DDPM's L_hybrid), else `None`.
+    """
+    noisy_input = noise if not input_perturbation else noise + input_perturbation * perturbation_noise
+    noisy_latents = scheduler.add_noise(latents, noisy_input, timesteps)
+    model_output = unet(
+        noisy_latents, timesteps, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask
+    ).sample
+
+    channels = latents.shape[1]
+    learns_variance = scheduler.config.variance_type in ("learned", "learned_range")
+    prediction = model_output[:, :channels] if learns_variance else model_output
+    target = scheduler.get_target(latents, noise, timesteps)
+    mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    vlb = None
+    if learns_variance:
+        vlb = scheduler.vlb_terms(
+            model_output.float(), latents.float(), noisy_latents.float(), timesteps, detach_mean=True
+        )
+    return mse, vlb

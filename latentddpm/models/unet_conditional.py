@@ -1,0 +1,387 @@
+"""`ConditionalUNet`: the text-conditional noise-prediction U-Net of latentddpm.
+
+Our own assembly of the U-Net of Ho et al. 2020 (https://arxiv.org/abs/2006.11239) with the cross-attention text
+conditioning of latent diffusion (Rombach et al. 2022, https://arxiv.org/abs/2112.10752), built from the blocks in
+`unet_blocks.py` and diffusers' `Attention`, `FeedForward`, `Timesteps` and `TimestepEmbedding`.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.activations import get_activation
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import CROSS_ATTENTION_PROCESSORS, Attention, AttnProcessor
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .unet_blocks import DownBlock, MidBlock, UpBlock
+
+
+@dataclass
+class ConditionalUNetOutput(BaseOutput):
+    """
+    The output of [`ConditionalUNet`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(B, out_channels, H, W)`): The model prediction (noise, sample or velocity,
+            depending on the scheduler's `prediction_type`; with a learned variance, also the variance values in the
+            second half of the channels).
+    """
+
+    sample: torch.Tensor
+
+
+def _per_level(name: str, value: int | Sequence[int], num_levels: int) -> tuple[int, ...]:
+    """Broadcasts an int config value to one value per resolution level, or checks a sequence has one per level."""
+    if isinstance(value, int):
+        return (value,) * num_levels
+    if len(value) != num_levels:
+        raise ValueError(f"`{name}`={list(value)} must be an int or have one entry per level ({num_levels}).")
+    return tuple(value)
+
+
+class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
+    r"""
+    A text-conditional U-Net that predicts from a noisy latent, a timestep and text hidden states.
+
+    Each resolution level of the encoder has `layers_per_block` ResNet blocks (each followed by a spatial transformer
+    with self-attention, cross-attention to the text and a GEGLU feed-forward where `attention_levels` says so) and a
+    stride-2 downsampling except at the last level. The middle is ResNet, transformer, ResNet (a single ResNet block
+    without `mid_block_attention`). The decoder mirrors the encoder with `layers_per_block + 1` ResNet blocks per
+    level, each consuming one skip connection. The sinusoidal timestep embedding goes through an MLP; optional
+    class-label and pooled-text embeddings are added to it.
+
+    Attention layers are diffusers' `Attention`, so `attn_processors`, `set_attn_processor`,
+    `set_default_attn_processor`, `set_attention_slice` and `enable_xformers_memory_efficient_attention` work as on
+    `UNet2DConditionModel` (the default processor is `AttnProcessor2_0`, PyTorch's fused SDPA), and so does
+    `enable_gradient_checkpointing` (per ResNet block and spatial transformer).
+
+    The module and parameter names are those of diffusers' `UNet2DConditionModel`, so the state dict of the
+    `UNet2DConditionModel` built from [`to_unet2d_condition_config`] loads into this model and vice versa. (Stable
+    Diffusion 1.x checkpoints use 1x1 convolutions for `proj_in`/`proj_out`; their `(C, C, 1, 1)` weights load
+    into our linear layers once reshaped to `(C, C)`.)
+
+    Args:
+        sample_size (`int` or `tuple[int, int]`, *optional*): Height and width of the latents the model is trained
+            on. Only read by pipelines (`unet.config.sample_size`) to pick a default size; any size works, odd ones
+            included.
+        in_channels (`int`, defaults to 4): Channels of the input latents.
+        out_channels (`int`, defaults to 4): Channels of the output. Set it to `2 * in_channels` when the scheduler
+            learns the variance (`variance_type="learned_range"`, Nichol & Dhariwal 2021,
+            https://arxiv.org/abs/2102.09672): the first half is the prediction, the second the variance values.
+        flip_sin_to_cos (`bool`, defaults to `True`): Put the cosines before the sines in the timestep embedding.
+        freq_shift (`int`, defaults to 0): Frequency shift of the timestep embedding (diffusers' `Timesteps`).
+        block_out_channels (`tuple[int]`, defaults to `(320, 640, 1280, 1280)`): Channels of each resolution level.
+        attention_levels (`tuple[bool]`, defaults to `(True, True, True, False)`): Whether each level (of the
+            encoder and the matching decoder level) has spatial transformers.
+        mid_block_attention (`bool`, defaults to `True`): Whether the middle block has a spatial transformer (and a
+            second ResNet block after it).
+        layers_per_block (`int`, defaults to 2): ResNet blocks per encoder level (the decoder has one more).
+        transformer_layers_per_block (`int` or `tuple[int]`, defaults to 1): Transformer blocks in each spatial
+            transformer, per level; the middle block uses the last level's value.
+        attention_head_dim (`int` or `tuple[int]`, defaults to `(40, 80, 160, 160)`): Channels per attention head,
+            per level; the middle block uses the last level's value. Note that `UNet2DConditionModel`'s
+            `attention_head_dim` is, for historical reasons, the number of heads
+            (https://github.com/huggingface/diffusers/issues/2011); ours is the head dimension, so the default gives
+            the 8 heads of Stable Diffusion 1.x.
+        cross_attention_dim (`int`, defaults to 768): Width of the text hidden states.
+        norm_num_groups (`int`, defaults to 32): GroupNorm groups; must divide every entry of `block_out_channels`.
+        norm_eps (`float`, defaults to 1e-5): GroupNorm epsilon of the ResNet blocks and the output norm.
+        dropout (`float`, defaults to 0.0): Dropout probability in the ResNet blocks.
+        act_fn (`str`, defaults to `"silu"`): Activation of the ResNet blocks, time embedding and output.
+        resnet_time_scale_shift (`str`, defaults to `"default"`): `"default"` adds the projected time embedding to
+            the ResNet features; `"scale_shift"` uses it to scale and shift the normalized features (AdaGN,
+            Dhariwal & Nichol 2021, https://arxiv.org/abs/2105.05233).
+        num_class_embeds (`int`, *optional*): If set, `class_labels` in `[0, num_class_embeds)` are embedded and
+            added to the time embedding.
+        pooled_projection_dim (`int`, *optional*): If set, a pooled text embedding of this width, passed as
+            `added_cond_kwargs={"text_embeds": pooled}`, is projected by an MLP and added to the time embedding.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ResnetBlock", "TransformerBlock", "UpBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        attention_levels: tuple[bool, ...] = (True, True, True, False),
+        mid_block_attention: bool = True,
+        layers_per_block: int = 2,
+        transformer_layers_per_block: int | tuple[int, ...] = 1,
+        attention_head_dim: int | tuple[int, ...] = (40, 80, 160, 160),
+        cross_attention_dim: int = 768,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        resnet_time_scale_shift: Literal["default", "scale_shift"] = "default",
+        num_class_embeds: int | None = None,
+        pooled_projection_dim: int | None = None,
+    ):
+        super().__init__()
+        num_levels = len(block_out_channels)
+        if len(attention_levels) != num_levels:
+            raise ValueError(
+                f"`attention_levels`={list(attention_levels)} must have one entry per level of "
+                f"`block_out_channels`={list(block_out_channels)}."
+            )
+        if resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(
+                f"`resnet_time_scale_shift`={resnet_time_scale_shift!r} must be one of ['default', 'scale_shift']."
+            )
+        head_dims = _per_level("attention_head_dim", attention_head_dim, num_levels)
+        transformer_layers = _per_level("transformer_layers_per_block", transformer_layers_per_block, num_levels)
+        for channels, head_dim in zip(block_out_channels, head_dims):
+            if channels % norm_num_groups != 0 or channels % head_dim != 0:
+                raise ValueError(
+                    f"`block_out_channels`={list(block_out_channels)} must be multiples of `norm_num_groups`="
+                    f"{norm_num_groups} and of `attention_head_dim`={list(head_dims)} at each level."
+                )
+
+        # 1. Embeddings: sinusoidal timestep features -> MLP, plus optional class and pooled-text embeddings.
+        time_embed_dim = 4 * block_out_channels[0]
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn=act_fn)
+        self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
+        self.add_embedding = None
+        if pooled_projection_dim is not None:
+            self.add_embedding = TimestepEmbedding(pooled_projection_dim, time_embed_dim, act_fn=act_fn)
+
+        # 2. Encoder, middle, decoder.
+        resnet_kwargs = {
+            "temb_channels": time_embed_dim,
+            "groups": norm_num_groups,
+            "eps": norm_eps,
+            "dropout": dropout,
+            "act_fn": act_fn,
+            "time_scale_shift": resnet_time_scale_shift,
+        }
+
+        def attention_kwargs(level: int, enabled: bool) -> dict[str, Any] | None:
+            if not enabled:
+                return None
+            return {
+                "num_heads": block_out_channels[level] // head_dims[level],
+                "num_layers": transformer_layers[level],
+                "cross_attention_dim": cross_attention_dim,
+                "groups": norm_num_groups,
+            }
+
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [block_out_channels[0]]  # channels of the skip connections, in the order they are made
+        for level, channels in enumerate(block_out_channels):
+            is_last = level == num_levels - 1
+            block_in = block_out_channels[max(level - 1, 0)]
+            self.down_blocks.append(
+                DownBlock(
+                    block_in,
+                    channels,
+                    layers_per_block,
+                    not is_last,
+                    resnet_kwargs,
+                    attention_kwargs(level, attention_levels[level]),
+                )
+            )
+            skip_channels += [channels] * (layers_per_block + (0 if is_last else 1))
+
+        self.mid_block = MidBlock(
+            block_out_channels[-1], resnet_kwargs, attention_kwargs(num_levels - 1, mid_block_attention)
+        )
+
+        self.up_blocks = nn.ModuleList()
+        block_in = block_out_channels[-1]
+        for level in reversed(range(num_levels)):
+            # Each decoder level consumes layers_per_block + 1 skips, last made first.
+            level_skips = skip_channels[-(layers_per_block + 1) :][::-1]
+            skip_channels = skip_channels[: -(layers_per_block + 1)]
+            self.up_blocks.append(
+                UpBlock(
+                    block_in,
+                    block_out_channels[level],
+                    level_skips,
+                    level > 0,
+                    resnet_kwargs,
+                    attention_kwargs(level, attention_levels[level]),
+                )
+            )
+            block_in = block_out_channels[level]
+
+        # 3. Output.
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.nonlinearity = get_activation(act_fn)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+
+    def set_default_attn_processor(self) -> None:
+        """Disables custom attention processors and sets the classic attention implementation (`AttnProcessor`)."""
+        processors = self.attn_processors.values()
+        if not all(isinstance(processor, CROSS_ATTENTION_PROCESSORS) for processor in processors):
+            raise ValueError(
+                "Cannot call `set_default_attn_processor` when attention processors are of type "
+                f"{next(iter(processors))}"
+            )
+        self.set_attn_processor(AttnProcessor())
+
+    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
+        r"""
+        Enables sliced attention: each attention layer computes its `batch * heads` attention maps in chunks of
+        `slice_size`, saving memory for some speed. This is what pipelines' `enable_attention_slicing` calls.
+
+        Args:
+            slice_size (`str`, `int`, `list[int]` or `None`, defaults to `"auto"`): `"auto"` halves each layer's
+                heads, `"max"` computes one map at a time, an int is used for every layer, a list gives one size per
+                attention layer (in `self.modules()` order), and `None` turns slicing off.
+        """
+        attentions = [module for module in self.modules() if isinstance(module, Attention)]
+        if slice_size == "auto":
+            sizes = [max(attention.sliceable_head_dim // 2, 1) for attention in attentions]
+        elif slice_size == "max":
+            sizes = [1] * len(attentions)
+        elif isinstance(slice_size, list):
+            if len(slice_size) != len(attentions):
+                raise ValueError(
+                    f"`slice_size` has {len(slice_size)} entries but the model has {len(attentions)} attention layers."
+                )
+            sizes = slice_size
+        elif slice_size is None or isinstance(slice_size, int):
+            sizes = [slice_size] * len(attentions)
+        else:
+            raise ValueError(f"`slice_size`={slice_size!r} must be 'auto', 'max', an int, a list of ints or None.")
+        for attention, size in zip(attentions, sizes):
+            attention.set_attention_slice(size)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> ConditionalUNetOutput | tuple[torch.Tensor]:
+        r"""
+        The parameters are those of `UNet2DConditionModel.forward`, in the same order.
+
+        Args:
+            sample (`torch.Tensor` of shape `(B, in_channels, H, W)`): The noisy latents.
+            timestep (`torch.Tensor`, `float` or `int`): The timestep, a number, a 0-d tensor or a tensor of shape
+                `(B,)` or `(1,)`.
+            encoder_hidden_states (`torch.Tensor` of shape `(B, S, cross_attention_dim)`): Text hidden states.
+            class_labels (`torch.LongTensor` of shape `(B,)`, *optional*): Class labels; required exactly when the
+                config has `num_class_embeds`.
+            added_cond_kwargs (`dict`, *optional*): `{"text_embeds": pooled}` with `pooled` of shape
+                `(B, pooled_projection_dim)`; required exactly when the config has `pooled_projection_dim`.
+            encoder_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 keeps a text token, 0 discards
+                it (padding) in cross-attention.
+            return_dict (`bool`, defaults to `True`): Return a [`ConditionalUNetOutput`] instead of a tuple.
+
+        Returns:
+            [`ConditionalUNetOutput`] or `tuple`: the prediction of shape `(B, out_channels, H, W)`.
+        """
+        batch = sample.shape[0]
+        text_embeds = (added_cond_kwargs or {}).get("text_embeds")
+        if (class_labels is None) != (self.class_embedding is None):
+            raise ValueError(
+                "`class_labels` must be passed exactly when `num_class_embeds` is set; got class_labels="
+                f"{'None' if class_labels is None else 'a tensor'}, num_class_embeds={self.config.num_class_embeds}."
+            )
+        if (text_embeds is None) != (self.add_embedding is None):
+            raise ValueError(
+                "`added_cond_kwargs={'text_embeds': pooled}` must be passed exactly when `pooled_projection_dim` is "
+                f"set; got added_cond_kwargs keys {sorted(added_cond_kwargs or {})} with pooled_projection_dim="
+                f"{self.config.pooled_projection_dim}."
+            )
+
+        # 1. Conditioning vector: time embedding (+ class embedding) (+ pooled text embedding).
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if timesteps.shape[0] not in (1, batch):
+            raise ValueError(f"`timestep` has {timesteps.shape[0]} values for a batch of {batch}; pass 1 or {batch}.")
+        # `Timesteps` always returns float32; cast to the model's dtype.
+        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(sample.dtype))
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(text_embeds.to(sample.dtype))
+        # Every ResNet block activates the embedding before its projection (Ho et al. 2020); do it once here.
+        temb = self.nonlinearity(emb)
+
+        if encoder_attention_mask is not None:
+            # (B, S) keep/discard mask -> (B, 1, S) additive bias broadcast over the query tokens, as in
+            # UNet2DConditionModel: keep -> 0, discard -> -10000.
+            encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+
+        # 2. Encoder: every intermediate output is kept as a skip connection for the decoder.
+        sample = self.conv_in(sample)
+        skips = [sample]
+        for block in self.down_blocks:
+            sample, block_skips = block(sample, temb, encoder_hidden_states, encoder_attention_mask)
+            skips.extend(block_skips)
+
+        # 3. Middle.
+        sample = self.mid_block(sample, temb, encoder_hidden_states, encoder_attention_mask)
+
+        # 4. Decoder: each level pops its skip connections, last made first.
+        for block in self.up_blocks:
+            sample = block(sample, skips, temb, encoder_hidden_states, encoder_attention_mask)
+
+        # 5. Output.
+        sample = self.conv_out(self.nonlinearity(self.conv_norm_out(sample)))
+        if not return_dict:
+            return (sample,)
+        return ConditionalUNetOutput(sample=sample)
+
+
+def to_unet2d_condition_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    r"""
+    The arguments of the diffusers `UNet2DConditionModel` with the same architecture and state-dict keys as the
+    [`ConditionalUNet`] of `config` (used by the tests as an oracle and by `benchmarks/unet.py` as the baseline).
+
+    Args:
+        config (`Mapping`): The `config` of a `ConditionalUNet` (with every field, as `unet.config` has).
+
+    Returns:
+        `dict` of keyword arguments for `UNet2DConditionModel`.
+    """
+    if config["pooled_projection_dim"] is not None:
+        raise ValueError(
+            f"`pooled_projection_dim`={config['pooled_projection_dim']} has no `UNet2DConditionModel` equivalent; "
+            "set it to None."
+        )
+    channels = tuple(config["block_out_channels"])
+    head_dims = _per_level("attention_head_dim", config["attention_head_dim"], len(channels))
+    levels = tuple(config["attention_levels"])
+    return {
+        "sample_size": config["sample_size"],
+        "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "flip_sin_to_cos": config["flip_sin_to_cos"],
+        "freq_shift": config["freq_shift"],
+        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if config["mid_block_attention"] else "UNetMidBlock2D",
+        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+        "block_out_channels": channels,
+        "layers_per_block": config["layers_per_block"],
+        "transformer_layers_per_block": config["transformer_layers_per_block"],
+        # UNet2DConditionModel's `attention_head_dim` is the number of heads (diffusers issue #2011).
+        "attention_head_dim": tuple(c // d for c, d in zip(channels, head_dims)),
+        "cross_attention_dim": config["cross_attention_dim"],
+        "norm_num_groups": config["norm_num_groups"],
+        "norm_eps": config["norm_eps"],
+        "dropout": config["dropout"],
+        "act_fn": config["act_fn"],
+        "resnet_time_scale_shift": config["resnet_time_scale_shift"],
+        "num_class_embeds": config["num_class_embeds"],
+        "use_linear_projection": True,
+    }

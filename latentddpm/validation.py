@@ -1,0 +1,115 @@
+"""Validation during training: a sample grid, a held-out loss and (on shapes) the pixel-judge scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .batching import step_generator
+from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile equally sized PIL images into one grid, row by row."""
+    cols = cols or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+@torch.no_grad()
+def validation_loss(unet, scheduler, cache, rows: torch.Tensor, vae, snr_gamma: float | None, seed: int = 0) -> float:
+    """Mean weighted denoising loss on held-out rows, with fixed draws so numbers compare across steps."""
+    generator = step_generator(seed, micro_step=0, process_index=10_000)
+    latents, hidden, mask = cache.batch(rows, vae, generator, caption_dropout=0.0)
+    noise = sample_noise(latents, generator)
+    timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
+    device = next(unet.parameters()).device
+    latents, hidden, mask, noise, timesteps = (t.to(device) for t in (latents, hidden, mask, noise, timesteps))
+    mse, _ = diffusion_loss(unet, scheduler, latents, noise, timesteps, hidden, mask)
+    return (mse * min_snr_weights(scheduler, timesteps, snr_gamma)).mean().item()
+
+
+@torch.no_grad()
+def score_shapes_prompts(
+    pipeline, num_inference_steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 30
+) -> tuple[dict[str, float], list[Image.Image]]:
+    """Generate one image for each of the 90 shapes prompts and score them with the pixel judge."""
+    from .data.shapes import shapes_prompts
+    from .eval.shapes_judge import score_shapes
+
+    prompts = shapes_prompts()
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        generator = torch.Generator().manual_seed(seed + start)
+        images += pipeline(
+            prompts[start : start + batch_size],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pil",
+        ).images
+    return score_shapes(images, prompts), images
+
+
+def run_validation(
+    config, accelerator, unet, ema, make_pipeline, scheduler, cache, validation_rows, vae, step: int
+) -> dict:
+    """Sample the validation prompts (EMA weights swapped in, then restored) and compute validation metrics.
+
+    Runs on the main process; returns the metrics logged (plus `grid`, the sample grid, when there is one).
+    """
+    metrics: dict = {}
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return metrics
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+
+    if len(validation_rows):
+        metrics["val_loss"] = validation_loss(
+            model, scheduler, cache, validation_rows, vae, config.snr_gamma, config.seed
+        )
+    pipeline = make_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    out_dir = Path(config.output_dir) / "validation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.validation_prompts:
+        images = pipeline(
+            config.validation_prompts,
+            num_inference_steps=config.validation_inference_steps,
+            guidance_scale=config.validation_guidance_scale,
+            generator=torch.Generator().manual_seed(config.seed),
+        ).images
+        grid = image_grid(images)
+        grid.save(out_dir / f"step-{step}.png")
+        metrics["grid"] = grid
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(
+                    "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+                )
+    if config.validation_shapes_score:
+        scores, shape_images = score_shapes_prompts(
+            pipeline, config.validation_inference_steps, config.validation_guidance_scale, seed=config.seed
+        )
+        image_grid(shape_images, cols=15).save(out_dir / f"shapes-step-{step}.png")
+        metrics.update({f"shapes_{k}": v for k, v in scores.items()})
+
+    if ema is not None:
+        ema.restore(model.parameters())
+    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    accelerator.print(
+        f"validation @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    )
+    accelerator.wait_for_everyone()
+    return metrics

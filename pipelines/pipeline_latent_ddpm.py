@@ -1,0 +1,652 @@
+"""Text-to-image sampling, SDEdit image-to-image and inpainting with a latent DDPM.
+
+The denoiser runs in the latent space of a VAE (Rombach et al. 2022, https://arxiv.org/abs/2112.10752), conditioned
+on text by cross-attention and guided by classifier-free guidance (Ho & Salimans 2022,
+https://arxiv.org/abs/2207.12598).
+"""
+
+import inspect
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo, upload_folder
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from latentddpm.latents import decode_latents, encode_images, vae_scale_factor
+from latentddpm.models import ConditionalUNet
+from latentddpm.text import encode_prompt
+
+from .model_card import prepare_hub_folder
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from latentddpm import LatentDDPMPipeline
+
+        >>> # a folder written by `pipe.save_pretrained` (e.g. by `latentddpm train-ldm`) or a Hub repo id
+        >>> pipe = LatentDDPMPipeline.from_pretrained("outputs/ldm/pipeline")
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> image = pipe("a red circle above a blue square", guidance_scale=3.0, generator=generator).images[0]
+        >>> image.save("sample.png")
+        ```
+"""
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class LatentDDPMPipelineOutput(BaseOutput):
+    """Output of [`LatentDDPMPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` of shape `(B, H, W, 3)` or `torch.Tensor`):
+            the samples: PIL images or a float array/tensor in `[0, 1]` (`(B, 3, H, W)` for `"pt"`), or the scaled
+            latents of shape `(B, C, H // f, W // f)` for `output_type="latent"`.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class LatentDDPMPipeline(DiffusionPipeline):
+    r"""Text-to-image latent diffusion, with SDEdit image-to-image and inpainting.
+
+    Args:
+        vae (`AutoencoderKL` or `AutoencoderTiny`): maps images to latents and back; its config's `scaling_factor` and
+            `shift_factor` scale the latents (see `latentddpm.latents`).
+        text_encoder (`PreTrainedModel`): a text encoder returning `last_hidden_state`, such as `BertModel`
+            (all-MiniLM-L6-v2), `CLIPTextModel` or `T5EncoderModel`.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer; `tokenizer.model_max_length` is the prompt length.
+        unet (`ConditionalUNet`): the denoiser, or any model with `UNet2DConditionModel`'s call signature. When its
+            `out_channels` is twice its `in_channels` it also predicts the variance (Nichol & Dhariwal 2021).
+        scheduler (`SchedulerMixin`): our `DDPMNoiseScheduler` or any compatible diffusers scheduler, e.g.
+            `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`. Only schedulers with a learned
+            `variance_type` receive the variance channels. With a learned-variance U-Net, build DPM-Solver with
+            `variance_type=None`: diffusers' DPM-Solver keeps the first 3 channels of a learned-variance output
+            (written for pixel-space DeepFloyd IF), which is wrong for 4 latent channels.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = []
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL | AutoencoderTiny,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: ConditionalUNet | UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = vae_scale_factor(vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # Masks stay in [0, 1] and are binarized: 1 marks pixels to repaint, 0 pixels to keep (as in diffusers).
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # `guidance_scale` is the weight w + 1 of Ho & Salimans 2022, eq. 6: 1 means no guidance.
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def enable_vae_slicing(self):
+        """Decode (and encode) one image at a time, to save memory at large batch sizes."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        """Undo [`enable_vae_slicing`]."""
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """Decode (and encode) in overlapping tiles, to save memory at large image sizes."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        """Undo [`enable_vae_tiling`]."""
+        self.vae.disable_tiling()
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        r"""Encode the prompts, and the negative prompts when guiding, repeated `num_images_per_prompt` times.
+
+        Without a negative prompt the unconditional embedding is that of the empty prompt `""`, which is what
+        training drops captions to (see `latentddpm.text`).
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): the prompts; not needed when `prompt_embeds` is given.
+            device (`torch.device`): where the embeddings go.
+            num_images_per_prompt (`int`): how many images each prompt makes.
+            do_classifier_free_guidance (`bool`): whether to also return the unconditional embeddings.
+            negative_prompt (`str` or `list[str]`, *optional*): what to guide away from; `""` when `None`.
+            prompt_embeds (`torch.Tensor` of shape `(B, S, D)`, *optional*): precomputed prompt embeddings.
+            negative_prompt_embeds (`torch.Tensor` of shape `(B, S', D)`, *optional*): precomputed unconditional
+                embeddings.
+            prompt_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 on real tokens of
+                `prompt_embeds`, 0 on padding; all ones when `None`.
+            negative_prompt_attention_mask (`torch.Tensor` of shape `(B, S')`, *optional*): the same for
+                `negative_prompt_embeds`.
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`, each
+            with `B * num_images_per_prompt` rows; the negative ones are `None` without guidance.
+        """
+        # Prompts and negative prompts that still need encoding go through the text encoder in one batch: one call
+        # instead of two is a visible share of a short sampling run.
+        texts = []
+        if prompt_embeds is None:
+            texts += [prompt] if isinstance(prompt, str) else prompt
+        batch_size = len(texts) or prompt_embeds.shape[0]
+        encode_negative = do_classifier_free_guidance and negative_prompt_embeds is None
+        if encode_negative:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            texts += [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+        if texts:
+            embeds, attention_mask = encode_prompt(texts, self.tokenizer, self.text_encoder, device)
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = embeds[:batch_size], attention_mask[:batch_size]
+            if encode_negative:
+                negative_prompt_embeds = embeds[-batch_size:]
+                negative_prompt_attention_mask = attention_mask[-batch_size:]
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+            )
+
+        def repeat(tensor: torch.Tensor) -> torch.Tensor:
+            # (B, ...) -> (B * num_images_per_prompt, ...), the images of one prompt next to each other
+            return tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        dtype = self.unet.dtype
+        prompt_embeds = repeat(prompt_embeds).to(dtype)
+        prompt_attention_mask = repeat(prompt_attention_mask)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, prompt_attention_mask, None, None
+        negative_prompt_embeds = repeat(negative_prompt_embeds).to(dtype)
+        negative_prompt_attention_mask = repeat(negative_prompt_attention_mask)
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    @staticmethod
+    def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
+        """Number of prompts, before `num_images_per_prompt`."""
+        if prompt is None:
+            return prompt_embeds.shape[0]
+        return 1 if isinstance(prompt, str) else len(prompt)
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        height: int,
+        width: int,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        negative_prompt_attention_mask: torch.Tensor | None,
+        image: PipelineImageInput | None,
+        mask_image: PipelineImageInput | None,
+        strength: float,
+        latents: torch.Tensor | None,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+    ):
+        """Raise a `ValueError` naming the first bad argument of [`__call__`]."""
+        if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
+            raise ValueError(
+                f"`height` and `width` have to be divisible by the VAE scale factor {self.vae_scale_factor} but are"
+                f" {height} and {width}."
+            )
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
+        if prompt is not None and not (isinstance(prompt, str) or isinstance(prompt, list) and prompt):
+            raise ValueError(f"`prompt` has to be a `str` or a non-empty `list` of them but is {prompt!r}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
+
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} prompts but `prompt` has {batch_size}; pass one"
+                " negative prompt per prompt, or a single `str`."
+            )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape[0] != negative_prompt_embeds.shape[0] or (
+                prompt_embeds.shape[2] != negative_prompt_embeds.shape[2]
+            ):
+                raise ValueError(
+                    f"`prompt_embeds` of shape {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` of shape"
+                    f" {tuple(negative_prompt_embeds.shape)} must agree in batch size and embedding size."
+                )
+        for name, embeds, mask in (
+            ("prompt", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            if mask is not None and (embeds is None or mask.shape != embeds.shape[:2]):
+                raise ValueError(
+                    f"`{name}_attention_mask` of shape {tuple(mask.shape)} needs `{name}_embeds` of shape (B, S, D)"
+                    f" with (B, S) equal to it, but `{name}_embeds` is"
+                    f" {None if embeds is None else tuple(embeds.shape)}."
+                )
+
+        if not 0 <= strength <= 1:
+            raise ValueError(f"`strength` has to be in [0.0, 1.0] but is {strength}.")
+        if mask_image is not None and image is None:
+            raise ValueError("`mask_image` needs the `image` to inpaint.")
+        if image is not None and latents is not None:
+            raise ValueError("`latents` cannot be combined with `image`: image editing starts from the encoded image.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` has to be one of {OUTPUT_TYPES} but is {output_type!r}.")
+        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs} but has"
+                f" {unknown_inputs}."
+            )
+
+    def prepare_timesteps(
+        self, num_inference_steps: int, timesteps: list[int] | None, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """Set the scheduler's timesteps, custom ones when given.
+
+        Returns:
+            `(timesteps, num_inference_steps)`: the scheduler's timesteps (`order` per step for multi-stage
+            schedulers such as Heun) and the number of steps, `len(timesteps)` for custom ones.
+        """
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        elif "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            raise ValueError(
+                f"`timesteps` were given but {self.scheduler.__class__.__name__}.set_timesteps does not accept custom"
+                " timesteps; pass `num_inference_steps` instead."
+            )
+        return self.scheduler.timesteps, num_inference_steps if timesteps is None else len(timesteps)
+
+    def prepare_latents(
+        self,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Initial latents x_T: standard Gaussian noise (or the given `latents`) times `scheduler.init_noise_sigma`."""
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif latents.shape != shape:
+            raise ValueError(f"`latents` have to be of shape {shape} but are of shape {tuple(latents.shape)}.")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def preprocess_image(
+        self,
+        image: PipelineImageInput,
+        processor: VaeImageProcessor,
+        height: int,
+        width: int,
+        batch_size: int,
+        num_images_per_prompt: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Preprocess an image or mask to `(height, width)` and repeat it to `batch_size * num_images_per_prompt` rows.
+
+        The image batch holds either one image for all prompts or one per prompt.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size * num_images_per_prompt, channels, height, width)`.
+        """
+        pixels = processor.preprocess(image, height=height, width=width).to(device)
+        if pixels.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"`image` and `mask_image` need 1 or {batch_size} (one per prompt) images but have {pixels.shape[0]}."
+            )
+        return pixels.repeat_interleave(batch_size * num_images_per_prompt // pixels.shape[0], dim=0)
+
+    def prepare_extra_step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
+    ) -> dict[str, Any]:
+        """The `eta` and `generator` arguments of `scheduler.step`, for the schedulers that take them.
+
+        eta is the η of DDIM (Song et al. 2021, eq. 16, https://arxiv.org/abs/2010.02502): 0 is deterministic DDIM,
+        1 the DDPM posterior variance.
+        """
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        extra_step_kwargs = {}
+        if "eta" in step_parameters:
+            extra_step_kwargs["eta"] = eta
+        if "generator" in step_parameters:
+            extra_step_kwargs["generator"] = generator
+        return extra_step_kwargs
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
+        strength: float = 0.8,
+        output_type: Literal["pil", "np", "pt", "latent"] = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[["LatentDDPMPipeline", int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> LatentDDPMPipelineOutput | tuple:
+        r"""Generate images from text, or edit `image` (SDEdit) and inpaint `mask_image` regions of it.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): the prompts; pass `prompt_embeds` instead to skip encoding.
+            negative_prompt (`str` or `list[str]`, *optional*): what guidance steers away from; `""` when `None`.
+            height (`int`, *optional*): image height, a multiple of the VAE scale factor; defaults to
+                `unet.config.sample_size * vae_scale_factor`. `image` and `mask_image` are resized to it.
+            width (`int`, *optional*): image width, likewise.
+            num_inference_steps (`int`, defaults to 50): denoising steps; more is slower and usually better.
+            timesteps (`list[int]`, *optional*): custom descending timesteps, for schedulers whose `set_timesteps`
+                takes them; overrides `num_inference_steps`.
+            guidance_scale (`float`, defaults to 3.0): classifier-free guidance scale (Ho & Salimans 2022); values
+                `<= 1` disable guidance and its unconditional U-Net pass.
+            guidance_rescale (`float`, defaults to 0.0): rescales the guided prediction towards the standard deviation
+                of the conditional one to fight over-exposure (Lin et al. 2023, section 3.4,
+                https://arxiv.org/abs/2305.08891); 0 disables it.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            eta (`float`, defaults to 0.0): DDIM's η, passed to schedulers whose `step` takes it.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling reproducible; a
+                list gives one generator per image.
+            latents (`torch.Tensor` of shape `(B * num_images_per_prompt, C, height // f, width // f)`, *optional*):
+                initial Gaussian noise, instead of drawing it from `generator`. Not with `image`.
+            prompt_embeds (`torch.Tensor` of shape `(B, S, D)`, *optional*): precomputed text embeddings.
+            negative_prompt_embeds (`torch.Tensor` of shape `(B, S', D)`, *optional*): precomputed unconditional
+                embeddings.
+            prompt_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): mask of `prompt_embeds`; 1 on real
+                tokens, 0 on padding.
+            negative_prompt_attention_mask (`torch.Tensor` of shape `(B, S')`, *optional*): mask of
+                `negative_prompt_embeds`.
+            image (`PipelineImageInput`, *optional*): image(s) to edit, one for all prompts or one per prompt. It is
+                encoded, noised to timestep `strength * T` and denoised from there (SDEdit, Meng et al. 2022,
+                https://arxiv.org/abs/2108.01073).
+            mask_image (`PipelineImageInput`, *optional*): inpainting mask for `image`: white (1) is repainted, black
+                (0) is kept. After every step the kept region is replaced by the encoded image noised to the next
+                timestep (Lugmayr et al. 2022, https://arxiv.org/abs/2201.09865, without resampling), and at the end
+                by the encoded image itself.
+            strength (`float`, defaults to 0.8): with `image`, how much of the schedule is run, in `[0, 1]`: 0 returns
+                the image after a VAE round trip, 1 starts from (almost) pure noise.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"` (scaled latents, not
+                decoded).
+            return_dict (`bool`, defaults to `True`): return a [`LatentDDPMPipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called as
+                `callback_on_step_end(self, i, t, callback_kwargs)` after every step with the tensors named in
+                `callback_on_step_end_tensor_inputs`; the dict it returns may replace them.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): a subset of
+                `["latents", "prompt_embeds", "negative_prompt_embeds"]`.
+
+        Examples:
+
+        Returns:
+            [`LatentDDPMPipelineOutput`] or `tuple`: the images, as `.images` or as the tuple's only element.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 0. Default size: the U-Net's training resolution
+        if height is None or width is None:
+            sample_size = self.unet.config.sample_size
+            if sample_size is None:
+                raise ValueError("`unet.config.sample_size` is None: pass `height` and `width`.")
+            sample_height, sample_width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+            height = height or sample_height * self.vae_scale_factor
+            width = width or sample_width * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+            image,
+            mask_image,
+            strength,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._interrupt = False
+        device = self._execution_device
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        num_images = batch_size * num_images_per_prompt
+
+        # 2. Encode the prompts
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                prompt_attention_mask,
+                negative_prompt_attention_mask,
+            )
+        )
+
+        # 3. Prepare timesteps; image editing runs only the last `strength` of them (SDEdit)
+        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps, timesteps, device)
+        if image is not None:
+            t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps = timesteps[t_start * self.scheduler.order :]
+            # multistep and Karras-sigma schedulers track their position in the schedule
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        self._num_timesteps = len(timesteps)
+
+        # 4. Prepare latents: pure noise, or the encoded image noised to the first timestep
+        num_channels_latents = self.unet.config.in_channels
+        shape = (num_images, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        dtype = prompt_embeds.dtype  # the U-Net's, set by encode_prompt
+        init_latents = noise = mask = None
+        if image is None:
+            latents = self.prepare_latents(shape, dtype, device, generator, latents)
+        else:
+            pixels = self.preprocess_image(
+                image, self.image_processor, height, width, batch_size, num_images_per_prompt, device
+            )
+            # The posterior mean is the cleanest latent of the image; a posterior sample would add noise that the
+            # schedule does not account for, and inpainting copies these latents into the kept region.
+            init_latents = encode_images(self.vae, pixels, sample_posterior=False).to(dtype)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = init_latents
+            if len(timesteps):
+                latents = self.scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(num_images))
+            if mask_image is not None:
+                mask = self.preprocess_image(
+                    mask_image, self.mask_processor, height, width, batch_size, num_images_per_prompt, device
+                )
+                mask = F.interpolate(mask, size=shape[2:]).to(dtype)  # (N, 1, h, w), nearest as in diffusers
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        # Only schedulers that take a `variance_type` (DDPM, DPM-Solver) read variance channels: `from_config` also
+        # copies the key into the config of the others (e.g. DDIM) as an unused entry.
+        scheduler_reads_variance = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters and (
+            self.scheduler.config.variance_type in ("learned", "learned_range")
+        )
+
+        # 5. Denoise
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
+            model_input, encoder_hidden_states, encoder_attention_mask = latents, prompt_embeds, prompt_attention_mask
+            if self.do_classifier_free_guidance:
+                # one batched U-Net call for [unconditional, conditional]
+                model_input = torch.cat([latents] * 2)
+                encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
+                encoder_attention_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask])
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_output = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                return_dict=False,
+            )[0]
+
+            # A learned-variance U-Net outputs [prediction, variance] along channels (Nichol & Dhariwal 2021): guide
+            # the prediction only and keep the conditional variance, as diffusers' DeepFloyd IF pipeline does.
+            if self.do_classifier_free_guidance:
+                output_uncond, output_cond = model_output.chunk(2)
+                pred_uncond, pred_cond = output_uncond[:, :num_channels_latents], output_cond[:, :num_channels_latents]
+                pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
+                if self.guidance_rescale > 0:
+                    pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=self.guidance_rescale)
+                model_output = torch.cat([pred, output_cond[:, num_channels_latents:]], dim=1)
+            if not scheduler_reads_variance:
+                model_output = model_output[:, :num_channels_latents]
+
+            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+            if mask is not None:
+                # Keep the known region on the forward-process marginal of the image at the next timestep.
+                known = init_latents
+                if i < len(timesteps) - 1:
+                    known = self.scheduler.add_noise(init_latents, noise, timesteps[i + 1 : i + 2].repeat(num_images))
+                latents = mask * latents + (1 - mask) * known
+
+            if callback_on_step_end is not None:
+                tensors = {
+                    "latents": latents,
+                    "prompt_embeds": prompt_embeds,
+                    "negative_prompt_embeds": negative_prompt_embeds,
+                }
+                callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+                prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+        # 6. Decode
+        images = latents if output_type == "latent" else decode_latents(self.vae, latents)
+        images = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return LatentDDPMPipelineOutput(images=images)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        base_model: str | None = None,
+        dataset: str | None = None,
+        sample_grid: PIL.Image.Image | None = None,
+        training_config: dict[str, Any] | None = None,
+        license: str = "apache-2.0",
+    ) -> str:
+        """Upload the pipeline (safetensors weights) with a model card to the Hub.
+
+        The folder is prepared by [`prepare_hub_folder`]: `save_pretrained`, plus a `README.md` with YAML metadata
+        and, when given, `sample_grid.png`.
+
+        Args:
+            repo_id (`str`): the Hub repository, `"user/name"`; created if missing.
+            commit_message (`str`, *optional*): commit message; `"Upload LatentDDPMPipeline"` when `None`.
+            private (`bool`, *optional*): whether a newly created repository is private.
+            token (`str`, *optional*): Hub token; the cached login when `None`.
+            create_pr (`bool`, defaults to `False`): open a pull request instead of committing to `main`.
+            base_model (`str`, *optional*): the model this one was fine-tuned from, for the card.
+            dataset (`str`, *optional*): the training dataset (a Hub id), for the card.
+            sample_grid (`PIL.Image.Image`, *optional*): samples to show on the card.
+            training_config (`dict`, *optional*): the resolved training config, shown on the card.
+            license (`str`, defaults to `"apache-2.0"`): the card's license.
+
+        Returns:
+            `str`: the URL of the commit.
+        """
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            prepare_hub_folder(
+                self,
+                folder,
+                repo_id=repo_id,
+                base_model=base_model,
+                dataset=dataset,
+                sample_grid=sample_grid,
+                training_config=training_config,
+                license=license,
+            )
+            commit = upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {self.__class__.__name__}",
+                token=token,
+                create_pr=create_pr,
+            )
+        return commit.commit_url

@@ -1,0 +1,183 @@
+"""`latentddpm evaluate` (`latentddpm.eval.sweep.main`) on a tiny saved pipeline: the ConditionalUNet of
+configs/unet/tiny.json, a tiny AutoencoderKL (16x16 images, 8x8 latents), a tiny BERT with the all-MiniLM tokenizer and
+our DDPMNoiseScheduler."""
+
+import csv
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import ClassLabel
+from diffusers import AutoencoderKL
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from latentddpm.config import ConfigError
+from latentddpm.data import COLORS, make_shapes_dataset
+from latentddpm.eval.features import CLASSIFIER_DESCRIPTION, train_reference_classifier
+from latentddpm.eval.sweep import EvaluateConfig, evaluate, main
+from latentddpm.models import ConditionalUNet
+from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.schedulers import DDPMNoiseScheduler
+from latentddpm.text import default_text_encoder_path
+
+UNET_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "unet" / "tiny.json"
+SWEEP = ["--guidance", "1,3", "--steps", "2,3", "--schedulers", "ddpm,ddim", "--num-samples", "4", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path())
+    tokenizer.model_max_length = 12
+    text_encoder = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=tokenizer.model_max_length,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+    unet = ConditionalUNet.from_config(ConditionalUNet.load_config(UNET_CONFIG))  # cross_attention_dim 32
+    pipeline = LatentDDPMPipeline(vae, text_encoder, tokenizer, unet, DDPMNoiseScheduler())
+    path = tmp_path_factory.mktemp("pipeline")
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes_run(model_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval-shapes")
+    main(
+        ["--model", str(model_path), "--data", "shapes", *SWEEP, "--out", str(out), "--features", "none"]
+        + ["--shapes-num-images", "8", "--reconstruction-samples", "4"]
+        + ["--likelihood-samples", "2", "--likelihood-stride", "250"]
+    )
+    return out
+
+
+def test_evaluate_on_shapes_writes_a_row_per_setting_to_csv_and_json(shapes_run):
+    with open(shapes_run / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    settings = {(row["scheduler"], int(row["steps"]), float(row["guidance"])) for row in rows}
+    assert len(rows) == 8 and settings == set(itertools.product(["ddpm", "ddim"], [2, 3], [1.0, 3.0]))
+    for row in rows:
+        for key in ("all_acc", "color_acc", "shape_acc", "position_acc"):
+            assert 0 <= float(row[key]) <= 1
+        assert float(row["seconds_per_image"]) > 0 and "fid" not in row
+
+    results = json.loads((shapes_run / "metrics.json").read_text())
+    assert [(r["scheduler"], r["steps"], r["guidance"]) for r in results["rows"]] == [
+        (s, n, g) for s, n, g in itertools.product(["ddpm", "ddim"], [2, 3], [1.0, 3.0])
+    ]
+    assert results["data_kind"] == "shapes" and results["features"] is None
+    reconstruction, likelihood = results["model_metrics"]["reconstruction"], results["model_metrics"]["likelihood"]
+    assert reconstruction["n"] == 4 and reconstruction["scaling_factor"] == 0.5 and reconstruction["psnr"] > 0
+    assert likelihood["n"] == 2 and likelihood["stride"] == 250 and likelihood["latent_bpd"] > 0
+    assert "latent-space bits/dim" in likelihood["note"]
+    assert results["machine"]["torch"] == torch.__version__
+
+
+def test_evaluate_writes_plots_grids_and_a_self_contained_report(shapes_run):
+    for metric in ("all_acc", "color_acc", "shape_acc", "position_acc", "seconds_per_image"):
+        assert (shapes_run / "plots" / f"{metric}.png").read_bytes()[:4] == b"\x89PNG"
+    grids = sorted(path.name for path in (shapes_run / "grids").glob("*.png"))
+    assert len(grids) == 8 and "ddim-steps3-cfg3.png" in grids
+    report = (shapes_run / "report.html").read_text()
+    # every image inline: 5 plots + 8 grids, and no reference to any file
+    assert report.count('src="data:image/png;base64,') == 13
+    assert not re.search(r'src="(?!data:)', report) and "No feature network" in report
+
+
+def test_evaluate_is_deterministic_for_a_seed_whatever_else_is_swept(model_path, shapes_run, tmp_path):
+    out = tmp_path / "again"
+    config = EvaluateConfig(
+        model=str(model_path),
+        data="shapes",
+        guidance=[3.0],
+        steps=[3],
+        schedulers=["ddim"],
+        num_samples=4,
+        out=str(out),
+        features="none",
+        shapes_num_images=8,
+        reconstruction_samples=0,
+    )
+    (row,) = evaluate(config)["rows"]
+    first = next(r for r in json.loads((shapes_run / "metrics.json").read_text())["rows"] if r["grid"] == row["grid"])
+    assert {k: v for k, v in row.items() if k != "seconds_per_image"} == {
+        k: v for k, v in first.items() if k != "seconds_per_image"
+    }
+    assert (out / row["grid"]).read_bytes() == (shapes_run / row["grid"]).read_bytes()
+
+
+def colors_parquet(path: Path) -> Path:
+    """Shapes images captioned and labelled by colour only: class-captioned data like CIFAR-10's."""
+    dataset = make_shapes_dataset(60, size=16)
+    dataset = dataset.map(lambda row: {"text": f"a photo of a {row['color']} thing"})
+    dataset = dataset.cast_column("color", ClassLabel(names=list(COLORS))).rename_column("color", "label")
+    dataset.to_parquet(path)
+    return path
+
+
+def test_evaluate_on_class_captioned_data_reports_class_accuracy_and_labelled_fid_kid(model_path, tmp_path):
+    data = colors_parquet(tmp_path / "colors.parquet")
+    from latentddpm.data import load_image_caption_dataset
+
+    train_reference_classifier(
+        load_image_caption_dataset(str(data)),
+        tmp_path / "classifier",
+        resolution=16,
+        num_steps=3,
+        batch_size=8,
+        num_heldout=10,
+        block_out_channels=(8, 16),
+        feature_dim=8,
+    )
+    args = ["--model", str(model_path), "--data", str(data), "--guidance", "1,3", "--steps", "2"]
+    args += ["--schedulers", "ddpm", "--num-samples", "6", "--classifier", str(tmp_path / "classifier")]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--reconstruction-samples", "0", "--out", str(tmp_path / "out")]
+    main(args)
+
+    results = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert results["data_kind"] == "class" and results["features"] == CLASSIFIER_DESCRIPTION
+    assert results["num_reference"] == 60 and len(results["rows"]) == 2
+    for row in results["rows"]:
+        assert row["class_acc"] in {i / 6 for i in range(7)}  # one image per colour
+        assert row["fid"] > 0 and row["kid_std"] >= 0 and "all_acc" not in row
+    assert len(list((tmp_path / "cache").glob("reference-classifier-*.safetensors"))) == 1
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "classifier features (not comparable to published FID)" in report
+    assert {p.name for p in (tmp_path / "out" / "plots").glob("*.png")} >= {"class_acc.png", "fid.png", "kid.png"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--schedulers", "ddpm,heun"], r"'schedulers' has \['heun'\]"),
+        (["--steps", "0"], "'steps' must be positive"),
+        (["--num-samples", "0"], "'num_samples' must be a positive integer"),
+        (["--guidanse", "2"], "Did you mean 'guidance'"),
+    ],
+)
+def test_bad_evaluate_arguments_raise_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        main(["--model", "unused", *args])
+
+
+def test_evaluate_needs_a_model():
+    with pytest.raises(ConfigError, match="'model' is required"):
+        main(["--data", "shapes"])

@@ -1,0 +1,137 @@
+"""End-to-end tests of the training scripts on tiny components (CPU, fp32, a few steps each)."""
+
+import json
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from latentddpm import LatentDDPMPipeline
+from latentddpm.config import ConfigError
+from latentddpm.configs import config_path
+from latentddpm.training import train_ldm, train_vae
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    # Each script builds its own Accelerator; several in one process must not share state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        mid_block_add_attention=False,
+    ).save_pretrained(path)
+    return path
+
+
+def ldm_args(tiny_vae, tmp_path, *extra):
+    return [
+        "--config", str(config_path("shapes_ldm.yaml")),
+        "--unet_config", str(config_path("unet/tiny.json")),
+        "--vae", str(tiny_vae),
+        "--resolution", "16",
+        "--shapes_num_images", "96",
+        "--num_validation_samples", "8",
+        "--train_batch_size", "8",
+        "--max_train_steps", "6",
+        "--lr_warmup_steps", "2",
+        "--checkpointing_steps", "0",
+        "--validation_inference_steps", "2",
+        "--validation_prompts", "a red circle in the center",
+        "--output_dir", str(tmp_path / "run"),
+        "--cache_dir", str(tmp_path / "cache"),
+        "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+def unet_weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_tiny_run_saves_a_loadable_pipeline(tiny_vae, tmp_path):
+    out = train_ldm.main(ldm_args(tiny_vae, tmp_path))
+    pipe = LatentDDPMPipeline.from_pretrained(str(out))
+    image = pipe("a blue square in the top left", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["max_train_steps"] == 6
+    assert manifest["packages"]["torch"] and manifest["dataset_fingerprint"]
+    assert (out / "validation" / "step-6.png").is_file()
+
+
+def test_resume_mid_run_matches_uninterrupted_run(tiny_vae, tmp_path):
+    straight = train_ldm.main(ldm_args(tiny_vae, tmp_path / "a"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpointed = train_ldm.main(ldm_args(tiny_vae, tmp_path / "b", "--checkpointing_steps", "3"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # A new process state, resuming from the step-3 snapshot, trains steps 4..6 again.
+    resumed = train_ldm.main(
+        ldm_args(tiny_vae, tmp_path / "c", "--resume_from_checkpoint", str(checkpointed / "checkpoints/checkpoint-3"))
+    )
+
+    expected = unet_weights(straight)  # EMA weights: the EMA state resumes too
+    for run in (checkpointed, resumed):
+        got = unet_weights(run)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), run
+
+
+def test_second_run_reuses_the_latent_cache(tiny_vae, tmp_path, caplog):
+    train_ldm.main(ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1"))
+    cache_files = list((tmp_path / "cache").glob("*/cache.safetensors"))
+    assert len(cache_files) == 1
+    mtime = cache_files[0].stat().st_mtime_ns
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("INFO"):
+        train_ldm.main(ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1", "--output_dir", str(tmp_path / "run2")))
+    assert "Reusing cached latents" in caplog.text
+    assert cache_files[0].stat().st_mtime_ns == mtime
+    assert len(list((tmp_path / "cache").glob("*/cache.safetensors"))) == 1
+
+
+def test_vae_stage_writes_a_data_derived_scaling_factor(tmp_path):
+    out = train_vae.main(
+        [
+            "--config", str(config_path("shapes_vae.yaml")),
+            "--block_out_channels", "8,16", "--norm_num_groups", "4",
+            "--resolution", "16", "--shapes_num_images", "64", "--num_validation_samples", "8",
+            "--train_batch_size", "8", "--max_train_steps", "2", "--scale_samples", "32",
+            "--output_dir", str(tmp_path / "vae"), "--report_to", "none",
+        ]
+    )  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = manifest["final_metrics"]
+    assert vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
+    assert vae.config.shift_factor == pytest.approx(metrics["latent_mean"])
+    assert metrics["psnr"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learnig_rate", "1"], "Did you mean 'learning_rate'"),
+        (["--max_train_steps", "-1"], "'max_train_steps' must be > 0"),
+        (["--caption_column", "caption"], "caption"),
+    ],
+)
+def test_bad_config_fails_before_training(tiny_vae, tmp_path, extra, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        train_ldm.main(ldm_args(tiny_vae, tmp_path, *extra))
+    assert not (tmp_path / "run" / "checkpoints").exists()

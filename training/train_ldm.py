@@ -1,0 +1,485 @@
+"""Stage 2: train the text-conditioned latent diffusion U-Net with Accelerate.
+
+Usage:
+    accelerate launch training/train_ldm.py --config configs/shapes_ldm.yaml [--key value ...]
+    latentddpm train-ldm --config configs/shapes_ldm.yaml [--key value ...]
+
+The VAE and text encoder are frozen; their outputs are precomputed once and cached on disk (`cache_dir`), so
+the loop only runs the U-Net. Batches and every random draw are a function of the step (see
+`latentddpm.batching`), which makes `--resume_from_checkpoint latest` continue at exactly the next batch.
+At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from latentddpm.batching import ShuffledStream, step_generator
+from latentddpm.cache import (
+    build_latent_cache,
+    cache_key,
+    dataset_fingerprint,
+    latent_stats,
+    load_latent_cache,
+    save_latent_cache,
+    tensor_fingerprint,
+)
+from latentddpm.checkpointing import read_training_state, resolve_checkpoint, save_checkpoint
+from latentddpm.config import ConfigError, DataConfig, config_to_dict, parse_config, save_config
+from latentddpm.data.images import prepare_image_dataset
+from latentddpm.data.transforms import ImageTransform
+from latentddpm.latents import vae_scale_factor
+from latentddpm.losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps
+from latentddpm.manifest import build_manifest, write_manifest
+from latentddpm.models import ConditionalUNet
+from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.schedulers import DDPMNoiseScheduler
+from latentddpm.text import default_text_encoder_path, load_text_encoder
+from latentddpm.validation import run_validation
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainLDMConfig(DataConfig):
+    # --- models ---
+    vae: str = "outputs/shapes_vae"  # AutoencoderKL/AutoencoderTiny folder or Hub repo id
+    vae_subfolder: str | None = None  # e.g. "vae" for a pipeline repo
+    text_encoder: str | None = None  # transformers encoder folder or repo id; None = all-MiniLM-L6-v2 from pip
+    tokenizer_max_length: int | None = None  # override tokenizer.model_max_length (saved with the pipeline)
+    unet_config: str = "configs/unet/small.json"  # ConditionalUNet config for a fresh model
+    pretrained_pipeline: str | None = None  # fine-tune the U-Net of this saved pipeline instead
+    # --- noise scheduler (DDPMNoiseScheduler config; same names as diffusers' DDPMScheduler) ---
+    num_train_timesteps: int = 1000  # diffusion steps T
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"  # the training target
+    variance_type: Literal["fixed_small", "learned_range"] = "fixed_small"  # learned_range: L_hybrid (IDDPM)
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); pair with v_prediction
+    # --- objective ---
+    snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); None = plain MSE
+    noise_offset: float = 0.0  # offset noise scale (0 = off)
+    input_perturbation: float = 0.0  # input perturbation scale (Ning et al. 2023; 0 = off)
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (enables CFG)
+    vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb when variance is learned
+    # --- optimisation ---
+    train_batch_size: int = 64  # per process, per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_train_steps: int = 2000  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    scale_lr: bool = False  # multiply the LR by accumulation * batch * processes
+    lr_scheduler: str = "cosine"  # any diffusers get_scheduler name (constant, linear, cosine, ...)
+    lr_warmup_steps: int = 100  # warmup, in optimizer steps
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0  # gradient clipping (None = off; the norm is still checked for NaN)
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (GPU; must be installed)
+    max_consecutive_nonfinite: int = 5  # stop after this many skipped steps in a row with NaN/inf gradients
+    # --- EMA ---
+    use_ema: bool = True  # keep an EMA of the U-Net; it is what validation and the saved pipeline use
+    ema_decay: float = 0.999  # maximum EMA decay
+    ema_warmup: bool = True  # EMA warmup (decay grows as 1 - (1 + step)^-2/3)
+    ema_power: float = 0.6667  # EMA warmup power
+    # --- performance ---
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
+    allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
+    gradient_checkpointing: bool = False  # trade compute for memory in the U-Net
+    enable_xformers: bool = False  # xformers attention (GPU; pip install latentddpm[xformers])
+    torch_compile: bool = False  # torch.compile the U-Net
+    dataloader_batch_size: int = 64  # batch size for caching latents/text embeddings
+    cache_dir: str = "outputs/cache"  # where latents and text embeddings are cached (keyed by content hash)
+    torch_threads: int | None = None  # torch.set_num_threads on CPU (None = torch default)
+    # --- checkpoints, logging, validation ---
+    output_dir: str = "outputs/shapes_ldm"  # the saved pipeline goes here, checkpoints in output_dir/checkpoints
+    seed: int = 0  # seeds model init, data order and every random draw
+    checkpointing_steps: int = 500  # save a checkpoint every N optimizer steps (0 = never)
+    checkpoints_total_limit: int | None = 3  # keep at most N checkpoints
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    report_to: str = "tensorboard"  # tensorboard, wandb, all or none
+    log_every: int = 10  # log loss and LR every N steps
+    validation_steps: int = 500  # sample the validation prompts every N steps (0 = only at the end)
+    validation_prompts: list[str] = field(default_factory=list)  # prompts for the validation grid
+    validation_inference_steps: int = 25  # sampling steps for validation images
+    validation_guidance_scale: float = 3.0  # CFG scale for validation images
+    num_validation_samples: int = 0  # rows held out of training for the validation loss
+    validation_shapes_score: bool = False  # score all 90 shapes prompts with the pixel judge at validation
+    push_to_hub: bool = False  # upload the final pipeline with a model card
+    hub_model_id: str | None = None  # repo id for push_to_hub
+
+    def validate(self) -> None:
+        positive = (
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "num_train_timesteps",
+            "dataloader_batch_size",
+            "max_consecutive_nonfinite",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(self, name)}.")
+        for name in ("caption_dropout",):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"Config key '{name}' must be in [0, 1), got {getattr(self, name)}.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"Config key 'ema_decay' must be in (0, 1), got {self.ema_decay}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"Config key 'learning_rate' must be > 0, got {self.learning_rate}.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"Config key 'snr_gamma' must be > 0 or None, got {self.snr_gamma}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
+
+
+def load_vae(config: TrainLDMConfig):
+    """The frozen VAE: AutoencoderKL, or AutoencoderTiny when the folder's config says so."""
+    vae_config = AutoencoderKL.load_config(config.vae, subfolder=config.vae_subfolder)
+    vae_cls = AutoencoderTiny if vae_config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    return vae_cls.from_pretrained(config.vae, subfolder=config.vae_subfolder)
+
+
+def build_unet(config: TrainLDMConfig, vae, text_encoder) -> ConditionalUNet:
+    """A fresh U-Net from `unet_config`, sized for this VAE's latents and this text encoder's width."""
+    if config.pretrained_pipeline:
+        return ConditionalUNet.from_pretrained(config.pretrained_pipeline, subfolder="unet")
+    in_channels = vae.config.latent_channels
+    return ConditionalUNet.from_config(
+        ConditionalUNet.load_config(config.unet_config),
+        sample_size=config.resolution // vae_scale_factor(vae),
+        in_channels=in_channels,
+        # The scheduler's learned variance needs a second set of channels (Nichol & Dhariwal 2021).
+        out_channels=in_channels * (2 if config.variance_type == "learned_range" else 1),
+        cross_attention_dim=text_encoder.config.hidden_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = parse_config(TrainLDMConfig, argv)
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # We step the LR scheduler once per optimizer step ourselves, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "train_config.yaml")
+
+    # 1. Frozen VAE and text encoder, our noise scheduler, our U-Net.
+    vae = load_vae(config).eval().requires_grad_(False)
+    tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
+    if config.tokenizer_max_length is not None:
+        tokenizer.model_max_length = config.tokenizer_max_length
+    text_encoder.eval().requires_grad_(False)
+    noise_scheduler = DDPMNoiseScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        variance_type=config.variance_type,
+        rescale_betas_zero_snr=config.rescale_betas_zero_snr,
+    )
+    unet = build_unet(config, vae, text_encoder)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.enable_xformers:
+        unet.enable_xformers_memory_efficient_attention()
+    logger.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+
+    # 2. Data -> cached latents and text embeddings (built once by the main process, keyed by content).
+    dataset = config.load_dataset(config.seed)
+    transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=False)
+    fingerprint = dataset_fingerprint(dataset)
+    key = cache_key(
+        dataset=fingerprint,
+        columns=[config.image_column, config.caption_column],
+        vae=tensor_fingerprint(vae),
+        text_encoder=tensor_fingerprint(text_encoder),
+        max_length=tokenizer.model_max_length,
+        resolution=config.resolution,
+        center_crop=config.center_crop,
+        random_flip=config.random_flip,
+        min_image_size=config.min_image_size,
+    )
+    cache_folder = Path(config.cache_dir) / key
+    with accelerator.main_process_first():
+        cache = load_latent_cache(cache_folder)
+        if cache is None and accelerator.is_main_process:
+            dataset, report = prepare_image_dataset(dataset, config.image_column, min_size=config.min_image_size)
+            logger.info(f"Data: {report}")
+            cache = build_latent_cache(
+                dataset,
+                image_column=config.image_column,
+                caption_column=config.caption_column,
+                transform=transform,
+                vae=vae.to(accelerator.device),
+                tokenizer=tokenizer,
+                text_encoder=text_encoder.to(accelerator.device),
+                random_flip=config.random_flip,
+                batch_size=config.dataloader_batch_size,
+                device=accelerator.device,
+            )
+            save_latent_cache(cache, cache_folder)
+        else:
+            logger.info(f"Reusing cached latents and text embeddings from {cache_folder}")
+    if cache is None:  # non-main processes: the main process has written it by now
+        cache = load_latent_cache(cache_folder)
+    # Only validation sampling uses them from here on.
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+    logger.info(f"Cache: {len(cache)} images, latent stats {latent_stats(cache, vae)}")
+
+    num_rows = len(cache) - config.num_validation_samples
+    if num_rows <= 0:
+        raise ConfigError(f"num_validation_samples={config.num_validation_samples} leaves no training rows.")
+    validation_rows = torch.arange(num_rows, len(cache))
+    stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
+
+    # 3. Optimizer, LR schedule, EMA.
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(
+        unet.parameters(),
+        lr=learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if config.torch_compile:
+        unet = torch.compile(unet)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(
+            accelerator.unwrap_model(unet).parameters(),
+            decay=config.ema_decay,
+            use_ema_warmup=config.ema_warmup,
+            power=config.ema_power,
+            model_cls=ConditionalUNet,
+            model_config=accelerator.unwrap_model(unet).config,
+        )
+        ema.to(accelerator.device)
+
+    # 4. Resume: model/optimizer/LR/RNG from accelerate, EMA from its safetensors, the step from our state.
+    global_step, skipped_steps = 0, 0
+    checkpoint_dir = output_dir / "checkpoints"
+    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = read_training_state(checkpoint)
+        global_step, skipped_steps = state["global_step"], state["skipped_steps"]
+        if ema is not None:
+            ema.load_state_dict(
+                EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
+            )
+            ema.to(accelerator.device)
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    elif config.resume_from_checkpoint == "latest":
+        logger.info(f"No checkpoint in {checkpoint_dir} yet: starting from scratch")
+
+    manifest = build_manifest(config_to_dict(config), config.seed, fingerprint, cache_key=key)
+
+    def write_extra(folder: Path) -> None:
+        if ema is not None:
+            ema.save_pretrained(str(folder / "unet_ema"))
+        save_config(config, folder / "train_config.yaml")
+        write_manifest(manifest, folder)
+
+    def checkpoint_now() -> Path:
+        return save_checkpoint(
+            accelerator,
+            checkpoint_dir,
+            global_step,
+            {"global_step": global_step, "skipped_steps": skipped_steps},
+            write_extra=write_extra,
+            total_limit=config.checkpoints_total_limit,
+        )
+
+    def make_pipeline() -> LatentDDPMPipeline:
+        return LatentDDPMPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=accelerator.unwrap_model(unet),
+            # A copy: sampling sets timesteps on its scheduler, training's stays untouched.
+            scheduler=DDPMNoiseScheduler.from_config(noise_scheduler.config),
+        )
+
+    # Preemption (SIGTERM/SIGINT): finish the current step, checkpoint, exit 0.
+    stop_signal: list[int] = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("latentddpm", config=config_to_dict(config) | {"validation_prompts": None})
+
+    # 5. The loop. One optimizer step = gradient_accumulation_steps micro-batches per process.
+    accum = config.gradient_accumulation_steps
+    device = accelerator.device
+    consecutive_nonfinite = 0
+    progress = tqdm(
+        total=config.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    unet.train()
+    while global_step < config.max_train_steps:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            micro_step = global_step * accum + micro
+            generator = step_generator(config.seed, micro_step, accelerator.process_index)
+            rows = stream.indices(micro_step, accelerator.process_index)
+            latents, hidden, mask = cache.batch(rows, vae, generator, caption_dropout=config.caption_dropout)
+            noise = sample_noise(latents, generator, config.noise_offset)
+            perturbation = torch.randn(latents.shape, generator=generator) if config.input_perturbation else None
+            timesteps = sample_timesteps(latents.shape[0], config.num_train_timesteps, generator)
+            latents, hidden, mask, noise, timesteps = (t.to(device) for t in (latents, hidden, mask, noise, timesteps))
+            if perturbation is not None:
+                perturbation = perturbation.to(device)
+
+            # Gradients are all-reduced only on the last micro-batch.
+            sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                mse, vlb = diffusion_loss(
+                    unet,
+                    noise_scheduler,
+                    latents,
+                    noise,
+                    timesteps,
+                    hidden,
+                    mask,
+                    input_perturbation=config.input_perturbation,
+                    perturbation_noise=perturbation,
+                )
+                loss = (mse * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)).mean()
+                if vlb is not None:
+                    loss = loss + config.vlb_weight * vlb.mean()
+                accelerator.backward(loss / accum)
+            loss_sum += loss.detach() / accum
+
+        # Non-finite gradients (same on every process after the all-reduce): skip the update, count it.
+        grad_norm = accelerator.clip_grad_norm_(
+            unet.parameters(), config.max_grad_norm if config.max_grad_norm is not None else math.inf
+        )
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            consecutive_nonfinite = 0
+        else:
+            skipped_steps += 1
+            consecutive_nonfinite += 1
+            logger.warning(f"Step {global_step}: non-finite gradients, update skipped ({skipped_steps} so far)")
+            if consecutive_nonfinite >= config.max_consecutive_nonfinite:
+                last = resolve_checkpoint(checkpoint_dir, "latest")
+                raise RuntimeError(
+                    f"Stopping at step {global_step}: {consecutive_nonfinite} steps in a row had non-finite "
+                    f"loss or gradients. Last good checkpoint: {last or 'none'}. Lower learning_rate, enable "
+                    "max_grad_norm or use bf16 instead of fp16, then resume from it."
+                )
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if ema is not None and torch.isfinite(grad_norm):
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        global_step += 1
+        progress.update(1)
+
+        if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+
+        if stop_signal:
+            path = checkpoint_now()
+            accelerator.print(
+                f"Received signal {stop_signal[0]} at step {global_step}: saved {path}. Resume with "
+                f"--resume_from_checkpoint latest (same output_dir)."
+            )
+            accelerator.end_training()
+            sys.exit(0)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            checkpoint_now()
+        if (
+            config.validation_steps
+            and global_step % config.validation_steps == 0
+            and global_step < config.max_train_steps
+        ):
+            run_validation(
+                config,
+                accelerator,
+                unet,
+                ema,
+                make_pipeline,
+                noise_scheduler,
+                cache,
+                validation_rows,
+                vae,
+                global_step,
+            )
+            unet.train()
+    progress.close()
+    for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
+
+    # 6. Save the pipeline with EMA weights, its config and manifest, and a sample grid.
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(accelerator.unwrap_model(unet).parameters())
+    metrics = run_validation(
+        config, accelerator, unet, None, make_pipeline, noise_scheduler, cache, validation_rows, vae, global_step
+    )
+    if accelerator.is_main_process:
+        pipeline = make_pipeline()
+        pipeline.save_pretrained(str(output_dir))
+        save_config(config, output_dir / "train_config.yaml")
+        write_manifest(manifest | {"final_metrics": metrics, "skipped_steps": skipped_steps}, output_dir)
+        if config.push_to_hub:
+            pipeline.push_to_hub(config.hub_model_id, dataset=config.dataset, sample_grid=metrics.get("grid"))
+        logger.info(f"Saved the pipeline to {output_dir}")
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()

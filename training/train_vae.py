@@ -1,0 +1,264 @@
+"""Stage 1: train the autoencoder (a diffusers `AutoencoderKL`) that maps images to latents.
+
+Usage:
+    accelerate launch training/train_vae.py --config configs/shapes_vae.yaml [--key value ...]
+    latentddpm train-vae --config configs/shapes_vae.yaml [--key value ...]
+
+Loss: L1 or L2 reconstruction + `kl_weight` * KL to N(0, I), as in the LDM paper's KL-regularised autoencoder
+(LPIPS and the patch-GAN need pretrained weights we cannot fetch offline, so they are not used here).
+At the end the latent std over a data sample sets `scaling_factor = 1 / std` in the saved config (LDM's
+`scale_by_std`), and `shift_factor` = the latent mean when `compute_shift_factor`, so that the scaled latents the
+diffusion model sees have mean 0 and std 1 whatever the autoencoder learned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from latentddpm.batching import ShuffledStream, step_generator
+from latentddpm.checkpointing import read_training_state, resolve_checkpoint, save_checkpoint
+from latentddpm.config import ConfigError, DataConfig, config_to_dict, parse_config, save_config
+from latentddpm.data.images import prepare_image_dataset
+from latentddpm.data.transforms import ImageTransform
+from latentddpm.manifest import build_manifest, write_manifest
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainVAEConfig(DataConfig):
+    # --- model (diffusers AutoencoderKL) ---
+    block_out_channels: list[int] = (32, 64, 64)  # one entry per level; down-sampling factor = 2^(levels - 1)
+    layers_per_block: int = 1  # ResNet blocks per level
+    latent_channels: int = 4  # channels of the latent image
+    norm_num_groups: int = 16  # GroupNorm groups (must divide every block width)
+    mid_block_add_attention: bool = False  # attention in the mid block (slow on CPU, little gain at 32x32)
+    # --- objective ---
+    reconstruction_loss: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), per latent element vs per pixel reconstruction
+    # --- optimisation ---
+    train_batch_size: int = 64  # per process
+    max_train_steps: int = 2000  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    lr_scheduler: str = "cosine"  # diffusers get_scheduler name
+    lr_warmup_steps: int = 50  # warmup steps
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # gradient clipping (None = off)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
+    torch_threads: int | None = None  # torch.set_num_threads on CPU (None = torch default)
+    # --- latent scaling, evaluation, output ---
+    scale_samples: int = 2048  # images encoded to measure the latent mean/std for scaling_factor
+    compute_shift_factor: bool = True  # also centre the latents (shift_factor = latent mean)
+    num_validation_samples: int = 256  # held-out images for PSNR (not trained on)
+    output_dir: str = "outputs/shapes_vae"  # the VAE is saved here; checkpoints in output_dir/checkpoints
+    seed: int = 0  # seeds init, data order and every random draw
+    checkpointing_steps: int = 0  # save a checkpoint every N steps (0 = never)
+    checkpoints_total_limit: int | None = 2  # keep at most N checkpoints
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    report_to: str = "tensorboard"  # tensorboard, wandb, all or none
+    log_every: int = 50  # log every N steps
+
+    def validate(self) -> None:
+        for name in ("train_batch_size", "max_train_steps", "latent_channels", "layers_per_block", "scale_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(self, name)}.")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ConfigError(
+                f"Config key 'norm_num_groups'={self.norm_num_groups} must divide every block_out_channels "
+                f"entry; {bad} are not divisible."
+            )
+
+
+class AutoencoderLoss(torch.nn.Module):
+    """Encode, sample the posterior, decode, in one `forward`, so DDP sees (and all-reduces) the whole graph."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the reconstruction `(B, 3, H, W)` and the KL to N(0, I) per latent element `(B,)`."""
+        posterior = self.vae.encode(pixels).latent_dist
+        reconstruction = self.vae.decode(posterior.mean + posterior.std * eps).sample
+        return reconstruction, posterior.kl() / posterior.mean[0].numel()
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1]. Shapes `(B, 3, H, W)` -> `(B,)`."""
+    mse = ((reconstruction.clamp(-1, 1) - target) / 2).pow(2).mean(dim=(1, 2, 3))
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = parse_config(TrainVAEConfig, argv)
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        step_scheduler_with_optimizer=False,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "train_config.yaml")
+
+    # 1. Data: decode, check and convert every image once; hold out the last rows for PSNR.
+    dataset = config.load_dataset(config.seed)
+    dataset, report = prepare_image_dataset(dataset, config.image_column, min_size=config.min_image_size)
+    logger.info(f"Data: {report}")
+    transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
+    num_rows = len(dataset) - config.num_validation_samples
+    if num_rows <= 0:
+        raise ConfigError(f"num_validation_samples={config.num_validation_samples} leaves no training images.")
+    validation_pixels = torch.stack([transform(im) for im in dataset[num_rows:][config.image_column]])
+    stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
+
+    def load_pixels(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = dataset[rows.tolist()][config.image_column]
+        return torch.stack([transform(image, generator=generator) for image in images])
+
+    # 2. Model and optimizer.
+    levels = len(config.block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=config.resolution,
+        mid_block_add_attention=config.mid_block_add_attention,
+    )
+    logger.info(f"AutoencoderKL: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(AutoencoderLoss(vae), optimizer, lr_scheduler)
+    latent_shape = (
+        config.latent_channels,
+        config.resolution // 2 ** (levels - 1),
+        config.resolution // 2 ** (levels - 1),
+    )
+
+    global_step = 0
+    checkpoint_dir = output_dir / "checkpoints"
+    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = read_training_state(checkpoint)["global_step"]
+        logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    manifest = build_manifest(config_to_dict(config), config.seed, dataset._fingerprint)
+
+    def write_extra(folder: Path) -> None:
+        save_config(config, folder / "train_config.yaml")
+        write_manifest(manifest, folder)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("latentddpm-vae", config=config_to_dict(config))
+
+    # 3. The loop.
+    device = accelerator.device
+    progress = tqdm(
+        total=config.max_train_steps,
+        initial=global_step,
+        desc="VAE steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    model.train()
+    while global_step < config.max_train_steps:
+        generator = step_generator(config.seed, global_step, accelerator.process_index)
+        pixels = load_pixels(stream.indices(global_step, accelerator.process_index), generator).to(device)
+        eps = torch.randn((pixels.shape[0], *latent_shape), generator=generator).to(device)
+        with accelerator.autocast():
+            reconstruction, kl = model(pixels, eps)
+        reconstruction = reconstruction.float()
+        if config.reconstruction_loss == "l1":
+            rec_loss = F.l1_loss(reconstruction, pixels)
+        else:
+            rec_loss = F.mse_loss(reconstruction, pixels)
+        kl_loss = kl.mean()
+        loss = rec_loss + config.kl_weight * kl_loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        global_step += 1
+        progress.update(1)
+        if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+            logs = {"rec_loss": rec_loss.item(), "kl": kl_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl']:.1f}")
+            accelerator.log(logs, step=global_step)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            save_checkpoint(
+                accelerator,
+                checkpoint_dir,
+                global_step,
+                {"global_step": global_step},
+                write_extra=write_extra,
+                total_limit=config.checkpoints_total_limit,
+            )
+    progress.close()
+
+    # 4. Held-out PSNR, data-derived latent scaling, save.
+    accelerator.wait_for_everyone()
+    vae = accelerator.unwrap_model(model).vae.eval()
+    metrics = {}
+    if accelerator.is_main_process:
+        with torch.no_grad():
+            val = validation_pixels.to(device)
+            metrics["psnr"] = psnr(vae(val, sample_posterior=False).sample.float(), val).mean().item()
+            rows = torch.arange(min(config.scale_samples, num_rows))
+            latents = torch.cat(
+                [
+                    vae.encode(load_pixels(chunk, torch.Generator().manual_seed(config.seed)).to(device)).latent_dist.sample(
+                        torch.Generator(device).manual_seed(config.seed)
+                    )
+                    for chunk in rows.split(256)
+                ]
+            ).float()
+        # LDM's scale_by_std: unit-variance latents for the diffusion model (Rombach et al. 2022, sec. 3.1 / G).
+        metrics["latent_mean"], metrics["latent_std"] = latents.mean().item(), latents.std().item()
+        vae.register_to_config(
+            scaling_factor=1.0 / metrics["latent_std"],
+            shift_factor=metrics["latent_mean"] if config.compute_shift_factor else None,
+        )
+        vae.save_pretrained(str(output_dir))
+        save_config(config, output_dir / "train_config.yaml")
+        write_manifest(manifest | {"final_metrics": metrics}, output_dir)
+        accelerator.log({"psnr": metrics["psnr"]}, step=global_step)
+        accelerator.print(
+            f"VAE saved to {output_dir}: held-out PSNR {metrics['psnr']:.2f} dB, latent mean "
+            f"{metrics['latent_mean']:.4f}, std {metrics['latent_std']:.4f} -> scaling_factor "
+            f"{vae.config.scaling_factor:.4f}"
+        )
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()
