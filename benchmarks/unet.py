@@ -18,8 +18,9 @@ make step times swing by up to 10x.
 Peak memory: each (model, mode) runs in a fresh subprocess that builds that model, its inputs and optimizer and
 runs `--warmup` steps (so AdamW's state exists). Then:
 - peak allocated: the most tensor memory torch had allocated during one more step, above what was allocated when it
-  began (activations, gradients, temporaries; a step frees its gradients at its end). On CUDA `torch.cuda.max_memory_allocated()`; on CPU, whose allocator
-  keeps no statistics, the running sum of the allocations and frees that `torch.profiler` records.
+  began (activations, gradients, temporaries; a step frees its gradients at its end). On CUDA
+  `torch.cuda.max_memory_allocated()`; on CPU, whose allocator keeps no statistics, the running sum of the
+  allocations and frees that `torch.profiler` records.
 - peak RSS growth (CPU only): how far the process's peak resident set size rises above its resident set size over
   `--memory-steps` more steps (Linux /proc/self/status: VmHWM after resetting it, minus VmRSS). This is the real
   footprint, including what glibc's malloc keeps around, which depends on the order of allocations as well.
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.utils import logging
 
 from latentddpm.models import ConditionalUNet, to_unet2d_condition_config
 
@@ -103,6 +105,7 @@ def make_batch(config, args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str):
+    """A closure running one training step (with its own AdamW) or one inference forward of `model`."""
     inputs = {key: value for key, value in batch.items() if key != "target"}
     if mode == "inference":
         model.eval()
@@ -204,6 +207,7 @@ def measure_memory(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.set_verbosity_error()  # not the "modules that should be kept in float32: []" notice of `.to(dtype)`
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure_memory:

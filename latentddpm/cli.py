@@ -74,9 +74,41 @@ def sample(argv: list[str]) -> None:
     print(f"wrote {len(images)} images to {args.out}")
 
 
+def train_vae(argv: list[str]) -> None:
+    """Stage 1, the autoencoder: `latentddpm train-vae --config configs/shapes_vae.yaml [--key value ...]`."""
+    from latentddpm.training import train_vae
+
+    train_vae.main(argv)
+
+
+def train_ldm(argv: list[str]) -> None:
+    """Stage 2, the diffusion U-Net: `latentddpm train-ldm --config configs/shapes_ldm.yaml [--key value ...]`."""
+    from latentddpm.training import train_ldm
+
+    train_ldm.main(argv)
+
+
+def demo(argv: list[str]) -> None:
+    """The offline demo: both stages on the shapes dataset, then sampling and scoring."""
+    from latentddpm.training import demo
+
+    demo.main(argv)
+
+
+def evaluate(argv: list[str]) -> None:
+    """Metric sweeps over guidance scales, step counts and schedulers, with plots and an HTML report."""
+    from latentddpm.eval import sweep
+
+    sweep.main(argv)
+
+
 # command name -> function of the command's arguments
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "sample": sample,
+    "train-vae": train_vae,
+    "train-ldm": train_ldm,
+    "demo": demo,
+    "evaluate": evaluate,
 }
 
 

@@ -107,9 +107,7 @@ def encode_prompt(
             f" truncated, dropping up to {max(lengths) - max_length} tokens."
         )
 
-    text_inputs = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    )
+    text_inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     input_ids = text_inputs.input_ids.to(device)
     attention_mask = text_inputs.attention_mask.to(device=device, dtype=torch.long)
     if "attention_mask" in inspect.signature(text_encoder.forward).parameters:

@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> Path:
             rows = torch.arange(min(config.scale_samples, num_rows))
             latents = torch.cat(
                 [
-                    vae.encode(load_pixels(chunk, torch.Generator().manual_seed(config.seed)).to(device)).latent_dist.sample(
-                        torch.Generator(device).manual_seed(config.seed)
-                    )
+                    vae.encode(
+                        load_pixels(chunk, torch.Generator().manual_seed(config.seed)).to(device)
+                    ).latent_dist.sample(torch.Generator(device).manual_seed(config.seed))
                     for chunk in rows.split(256)
                 ]
             ).float()

@@ -69,6 +69,7 @@ class ResnetBlock(nn.Module):
         Returns:
             `torch.Tensor` of shape `(B, out_channels, H, W)`.
         """
+        # The shortcut first: under no_grad the (in decoder blocks wider) input is then freed after `norm1`.
         shortcut = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
         hidden_states = self.conv1(self.nonlinearity(self.norm1(hidden_states)))
         temb = self.time_emb_proj(temb)[:, :, None, None]
