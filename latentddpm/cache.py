@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .latents import scale_latents
+from .latents import encode_posterior, scale_latents
 from .text import encode_prompt
 
 CACHE_VERSION = 1
@@ -115,23 +115,27 @@ def build_latent_cache(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     show_progress: bool = True,
+    seed: int = 0,
 ) -> LatentCache:
-    """Encode every image (and its mirror when `random_flip`) and every unique caption once."""
+    """Encode every image (and its mirror when `random_flip`) and every unique caption once.
+
+    `seed` fixes the random crops (when the transform crops at random), so the same inputs give the same cache.
+    """
     views = 2 if random_flip else 1
+    generator = torch.Generator().manual_seed(seed)
     means, stds = [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="Caching latents", disable=not show_progress):
         rows = dataset[start : start + batch_size]
-        pixels = torch.stack([transform(image) for image in rows[image_column]]).to(device, vae.dtype)
+        pixels = torch.stack([transform(image, generator=generator) for image in rows[image_column]]).to(
+            device, vae.dtype
+        )
         batch_views = [pixels, pixels.flip(-1)][:views]
         mean_views, std_views = [], []
         for view in batch_views:
-            encoded = vae.encode(view)
-            if hasattr(encoded, "latent_dist"):  # AutoencoderKL: keep the posterior, sample it per step
-                mean_views.append(encoded.latent_dist.mean.float().cpu())
-                std_views.append(encoded.latent_dist.std.float().cpu())
-            else:  # AutoencoderTiny: deterministic latents
-                mean_views.append(encoded.latents.float().cpu())
-                std_views.append(torch.zeros_like(mean_views[-1]))
+            # The posterior, sampled per step (std is zero for the deterministic AutoencoderTiny).
+            mean, std = encode_posterior(vae, view)
+            mean_views.append(mean.float().cpu())
+            std_views.append(std.float().cpu())
         means.append(torch.stack(mean_views, dim=1))
         stds.append(torch.stack(std_views, dim=1))
 

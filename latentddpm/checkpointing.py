@@ -1,23 +1,32 @@
-"""Crash-safe training checkpoints on top of `accelerator.save_state`.
+"""Crash-safe training checkpoints on top of `accelerator.save_state`, and preemption handling.
 
 A checkpoint is written into a hidden temporary folder and renamed to `checkpoint-{step}` only once complete,
 so a run killed mid-save never leaves a folder that `--resume_from_checkpoint latest` could pick. Old
 checkpoints are pruned only after the new one exists, so `checkpoints_total_limit` never deletes the only
-good one.
+good one. Loading trusts no pickle in a checkpoint: one that would run code is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from accelerate.utils import load as accelerate_load
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
+# Hidden folders a killed save (`.tmp-checkpoint-N`) or deletion (`.deleting-checkpoint-N`) leaves behind.
+LEFTOVER_PATTERN = re.compile(r"^\.(tmp|deleting)-checkpoint-\d+$")
+# A failed write with less than this left on the device is taken for a full disk (see `_out_of_space`).
+FULL_DISK_BYTES = 1 << 20
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -64,6 +73,27 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a failed save ran out of disk space (or quota).
+
+    Only Python's own writes raise `OSError(ENOSPC)`: safetensors raises `SafetensorError("... No space left on
+    device (os error 28)")` and `torch.save` a `RuntimeError` that names no cause at all ("unexpected pos ..."). So
+    besides the errno and the message of the error and its causes, a write that failed with less than
+    `FULL_DISK_BYTES` left on the device counts as a full disk. Call it before removing the partial files.
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(cause) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def save_checkpoint(
     accelerator,
     checkpoint_dir: str | Path,
@@ -79,17 +109,22 @@ def save_checkpoint(
         training_state: JSON-able dict (global step, counters) written last, as `training_state.json`.
         write_extra: called on the main process with the temporary folder, to add files (EMA weights, config,
             manifest) before the folder is renamed into place.
-        total_limit: keep at most this many checkpoints (the new one included).
+        total_limit: keep at most this many checkpoints (the new one included), at least 1.
 
     Raises:
         RuntimeError: out of disk space; the temporary folder is removed and earlier checkpoints are untouched.
     """
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"total_limit must be None or >= 1, got {total_limit}.")
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"checkpoint-{step}"
     tmp = checkpoint_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Leftovers of a save or a deletion that was killed midway: never a checkpoint, only used space.
+        for leftover in checkpoint_dir.iterdir():
+            if LEFTOVER_PATTERN.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
@@ -101,23 +136,96 @@ def save_checkpoint(
                 json.dump(training_state, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-    except OSError as e:
+    except Exception as e:
+        full = _out_of_space(e, checkpoint_dir)
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if full:
             previous = list_checkpoints(checkpoint_dir)
             raise RuntimeError(
                 f"Out of disk space while saving checkpoint-{step} in {checkpoint_dir}. "
                 f"The previous checkpoint is intact: {previous[-1] if previous else 'none yet'}. "
-                "Free space or point output_dir elsewhere, then resume with --resume_from_checkpoint latest."
+                "Free space, then resume with --resume_from_checkpoint latest (or pass that checkpoint's path and "
+                "another output_dir)."
             ) from e
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # e.g. a preemption save at a step that was already checkpointed
-            _remove_tree(final)
-        os.replace(tmp, final)
+        if final.exists():  # a step saved before, e.g. by a run resumed from an earlier checkpoint
+            # Move the old copy aside and delete it only once the new one is in place (it may be the only one).
+            old = final.with_name(f".deleting-{final.name}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         if total_limit is not None:
             for old in list_checkpoints(checkpoint_dir)[:-total_limit]:
                 _remove_tree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _refused_pickles(paths: list[Path]) -> dict[Path, str]:
+    """The files among `paths` that `torch.load(weights_only=True)` refuses, with torch's reason."""
+    refused = {}
+    for path in paths:
+        try:
+            accelerate_load(path, map_location="cpu")
+        except pickle.UnpicklingError as error:
+            message = str(error)
+            if message.startswith("Weights only load failed"):  # torch's refusal, not e.g. a truncated file
+                reasons = [line.strip() for line in message.splitlines() if "GLOBAL" in line or "Unsupported" in line]
+                refused[path] = reasons[0] if reasons else "refused by the weights-only unpickler"
+    return refused
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
+    """Restore model, optimizer, LR scheduler and RNG states from `checkpoint` and return its training state.
+
+    Model weights are safetensors; accelerate reads the other states with `torch.load(weights_only=True)`, which
+    refuses a pickle that would import or call anything beyond tensors, numbers and containers. accelerate swallows
+    that refusal for the RNG states (it logs "Could not load random states" and goes on), so those are checked here
+    first; any refusal becomes a `ValueError` naming the file.
+
+    Raises:
+        ValueError: a file of the checkpoint holds a pickle with code in it; nothing of it was run.
+    """
+    checkpoint = Path(checkpoint)
+    refused = _refused_pickles(sorted(checkpoint.glob("random_states_*.pkl")))
+    if not refused:
+        try:
+            accelerator.load_state(str(checkpoint))
+        except pickle.UnpicklingError:
+            refused = _refused_pickles(sorted(checkpoint.glob("*.bin")) + sorted(checkpoint.glob("*.pkl")))
+            if not refused:
+                raise
+    if refused:
+        details = "; ".join(f"{path} ({reason})" for path, reason in refused.items())
+        raise ValueError(
+            f"Refusing to load checkpoint {checkpoint}: {details}. torch.load(weights_only=True) refuses pickles that "
+            "import or call anything beyond tensors, numbers and containers, and nothing in them was run. "
+            "latentddpm never writes such a pickle, so the checkpoint was modified or is not ours. Do not load it "
+            "with weights_only=False: resume from a checkpoint you trust."
+        )
+    return read_training_state(checkpoint)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """Record preemption signals instead of dying, so the loop can checkpoint at the end of the current step.
+
+    Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM some time before killing a job; Ctrl-C sends
+    SIGINT. Yields the list of signals received so far; the previous handlers are back when the block exits, however
+    it exits. Must be entered on the main thread.
+    """
+    received: list[int] = []
+
+    def record(signum, frame):
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in signals}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -35,6 +35,29 @@ def _unknown_key_error(key: str, valid: list[str], source: str) -> ConfigError:
     return ConfigError(f"Unknown config key '{key}' in {source}.{hint} Valid keys: {', '.join(sorted(valid))}.")
 
 
+def check_ranges(
+    config: Any,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    unit_interval: tuple[str, ...] = (),
+) -> None:
+    """Raise `ConfigError` naming the first key out of range: `positive` > 0, `non_negative` >= 0, `unit_interval`
+    in [0, 1). `None` (an optional setting switched off) is always in range."""
+    for name in positive + non_negative + unit_interval:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if name in positive and value <= 0:
+            allowed = "> 0"
+        elif name in non_negative and value < 0:
+            allowed = ">= 0"
+        elif name in unit_interval and not 0 <= value < 1:
+            allowed = "in [0, 1)"
+        else:
+            continue
+        raise ConfigError(f"Config key '{name}' must be {allowed}, got {value}.")
+
+
 def convert_value(key: str, value: Any, annotation: Any) -> Any:
     """Convert `value` (from YAML or a command-line string) to `annotation`, or raise `ConfigError` naming `key`."""
     origin = typing.get_origin(annotation)
@@ -212,6 +235,9 @@ class DataConfig:
     shapes_num_images: int = 20000  # shapes dataset: number of images generated
     shapes_holdout: list[str] = dataclasses.field(default_factory=list)  # shapes: captions never trained on
 
+    def validate(self) -> None:
+        check_ranges(self, positive=("max_train_samples", "resolution", "min_image_size", "shapes_num_images"))
+
     def load_dataset(self, seed: int):
         """The raw `datasets.Dataset` this config names (images not yet decoded or checked)."""
         from .data.sources import load_image_caption_dataset
@@ -228,3 +254,8 @@ class DataConfig:
             max_train_samples=self.max_train_samples,
             **shapes_kwargs,
         )
+
+
+def tracker_config(config: Any) -> dict[str, Any]:
+    """The config as trackers accept it (TensorBoard's hparams take only scalars): lists become strings."""
+    return {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in config_to_dict(config).items()}

@@ -3,10 +3,19 @@
 This module is the one place where `vae.config.scaling_factor` and `vae.config.shift_factor` are applied, so
 training and sampling cannot disagree about them. Latent scaling gives the latents roughly unit variance, which the
 noise schedule assumes (Rombach et al. 2022, section 4.3.2 and appendix G, https://arxiv.org/abs/2112.10752).
+
+A float16 VAE whose encoder or decoder overflows (float16 ends at 65504) is rerun in float32 for that call, with a
+warning: the reason diffusers has `force_upcast` and the SDXL fp16-fix VAE
+(https://huggingface.co/madebyollin/sdxl-vae-fp16-fix).
 """
+
+import warnings
+from collections.abc import Callable
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 
 
 def vae_scale_factor(vae: AutoencoderKL | AutoencoderTiny) -> int:
@@ -44,6 +53,61 @@ def unscale_latents(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor)
     return latents
 
 
+def _run_with_fp32_fallback(
+    vae: AutoencoderKL | AutoencoderTiny, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
+    """`forward(inputs)` in the VAE's dtype; for a float16 VAE whose output has inf/NaN, once more in float32.
+
+    The VAE is upcast for that call only; the float32 result is cast back to float16, whose range it fits in (only
+    intermediate activations overflowed).
+    """
+    dtype = vae.dtype
+    output = forward(inputs.to(dtype))
+    # The check costs a device sync: only float16 overflows where float32 does not (bfloat16 has float32's range).
+    if dtype != torch.float16 or torch.isfinite(output).all():
+        return output
+    warnings.warn(
+        f"The float16 VAE ({type(vae).__name__}) produced inf/NaN in `{forward.__name__}`: running it in float32 "
+        "instead. Load the VAE in float32 or bfloat16, or use a VAE fine-tuned for float16, to avoid the cost.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    vae.to(torch.float32)
+    try:
+        output = forward(inputs.float())
+    finally:
+        vae.to(dtype)
+    return output.to(dtype)
+
+
+def encode_posterior(
+    vae: AutoencoderKL | AutoencoderTiny, pixel_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE posterior q(z | x), before latent scaling.
+
+    Args:
+        vae (`AutoencoderKL` or `AutoencoderTiny`): the VAE (float16 falls back to float32 on overflow).
+        pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`): images in `[-1, 1]`, on the VAE's device.
+
+    Returns:
+        `(mean, std)`, each a `torch.Tensor` of shape `(B, C, H // f, W // f)` in the VAE's dtype. `AutoencoderTiny`
+        is deterministic: its std is zero.
+    """
+    if isinstance(vae, AutoencoderTiny):
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return vae.encode(x).latents
+
+        latents = _run_with_fp32_fallback(vae, encode, pixel_values)
+        return latents, torch.zeros_like(latents)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:  # (B, 2C, h, w): mean and log-variance
+        return vae.encode(x).latent_dist.parameters
+
+    posterior = DiagonalGaussianDistribution(_run_with_fp32_fallback(vae, encode, pixel_values))
+    return posterior.mean, posterior.std
+
+
 def encode_images(
     vae: AutoencoderKL | AutoencoderTiny,
     pixel_values: torch.Tensor,
@@ -64,12 +128,11 @@ def encode_images(
     Returns:
         `torch.Tensor` of shape `(B, C, H // f, W // f)`, with `f = vae_scale_factor(vae)`: scaled latents.
     """
-    pixel_values = pixel_values.to(vae.dtype)
-    if isinstance(vae, AutoencoderTiny):
-        latents = vae.encode(pixel_values).latents
-    else:
-        posterior = vae.encode(pixel_values).latent_dist
-        latents = posterior.sample(generator) if sample_posterior else posterior.mode()
+    mean, std = encode_posterior(vae, pixel_values)
+    latents = mean
+    if sample_posterior and not isinstance(vae, AutoencoderTiny):
+        # What `DiagonalGaussianDistribution.sample(generator)` draws.
+        latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return scale_latents(vae, latents)
 
 
@@ -84,5 +147,8 @@ def decode_latents(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor) 
     Returns:
         `torch.Tensor` of shape `(B, 3, h * f, w * f)`: images clamped to `[-1, 1]`.
     """
-    latents = unscale_latents(vae, latents.to(vae.dtype))
-    return vae.decode(latents).sample.clamp(-1, 1)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z).sample
+
+    return _run_with_fp32_fallback(vae, decode, unscale_latents(vae, latents.to(vae.dtype))).clamp(-1, 1)

@@ -4,3 +4,30 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+# The training tests' shared settings (tiny, seconds per run), independent of the demo's recipe.
+TINY_LDM_CONFIG = Path(__file__).with_name("tiny_ldm.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A randomly initialised factor-4 AutoencoderKL (16x16 images -> 4x4x4 latents), saved once per session."""
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        mid_block_add_attention=False,
+    ).save_pretrained(path)
+    return path

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import TINY_LDM_CONFIG
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -22,40 +23,14 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        mid_block_add_attention=False,
-    ).save_pretrained(path)
-    return path
-
-
 def ldm_args(tiny_vae, tmp_path, *extra):
     return [
-        "--config", str(config_path("shapes_ldm.yaml")),
+        "--config", str(TINY_LDM_CONFIG),
         "--unet_config", str(config_path("unet/tiny.json")),
         "--vae", str(tiny_vae),
-        "--resolution", "16",
-        "--shapes_num_images", "96",
-        "--num_validation_samples", "8",
-        "--train_batch_size", "8",
-        "--max_train_steps", "6",
-        "--lr_warmup_steps", "2",
-        "--checkpointing_steps", "0",
-        "--validation_inference_steps", "2",
         "--validation_prompts", "a red circle in the center",
         "--output_dir", str(tmp_path / "run"),
         "--cache_dir", str(tmp_path / "cache"),
-        "--report_to", "none",
         *extra,
     ]  # fmt: skip
 
@@ -69,6 +44,7 @@ def test_tiny_run_saves_a_loadable_pipeline(tiny_vae, tmp_path):
     pipe = LatentDDPMPipeline.from_pretrained(str(out))
     image = pipe("a blue square in the top left", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+    assert pipe.scheduler.config.clip_sample is False  # latents are unbounded: never clip x_0 to [-1, 1]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["max_train_steps"] == 6
     assert manifest["packages"]["torch"] and manifest["dataset_fingerprint"]
@@ -135,3 +111,19 @@ def test_bad_config_fails_before_training(tiny_vae, tmp_path, extra, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         train_ldm.main(ldm_args(tiny_vae, tmp_path, *extra))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_vae_stage_stops_on_repeated_non_finite_gradients(tmp_path):
+    # A learning rate of 1e30 blows the weights up after the first update; every later step has NaN gradients.
+    with pytest.raises(RuntimeError, match=r"Stopping at step 3: 3 steps in a row had non-finite"):
+        train_vae.main(
+            [
+                "--config", str(config_path("shapes_vae.yaml")),
+                "--block_out_channels", "8,16", "--norm_num_groups", "4",
+                "--resolution", "16", "--shapes_num_images", "64", "--num_validation_samples", "8",
+                "--train_batch_size", "8", "--max_train_steps", "10", "--lr_warmup_steps", "0",
+                "--learning_rate", "1e30", "--lr_scheduler", "constant", "--max_grad_norm", "none",
+                "--max_consecutive_nonfinite", "3",
+                "--output_dir", str(tmp_path / "vae"), "--report_to", "none",
+            ]
+        )  # fmt: skip

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--config",
             str(config_path("shapes_ldm.yaml")),
             "--unet_config",
-            str(config_path("unet/small.json")),
+            str(config_path("unet/shapes.json")),
             "--vae",
             str(vae_dir),
             "--output_dir",

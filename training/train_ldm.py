@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, AutoencoderTiny
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -40,20 +39,30 @@ from latentddpm.cache import (
     save_latent_cache,
     tensor_fingerprint,
 )
-from latentddpm.checkpointing import read_training_state, resolve_checkpoint, save_checkpoint
-from latentddpm.config import ConfigError, DataConfig, config_to_dict, parse_config, save_config
+from latentddpm.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint, stop_on_signals
+from latentddpm.config import (
+    ConfigError,
+    DataConfig,
+    check_ranges,
+    config_to_dict,
+    parse_config,
+    save_config,
+    tracker_config,
+)
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.latents import vae_scale_factor
 from latentddpm.losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
+from latentddpm.nonfinite import NonFiniteGuard
 from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, load_text_encoder
 from latentddpm.validation import run_validation
 
 logger = get_logger(__name__)
+LR_SCHEDULERS = [s.value for s in SchedulerType]
 
 
 @dataclass
@@ -71,6 +80,9 @@ class TrainLDMConfig(DataConfig):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"  # the training target
     variance_type: Literal["fixed_small", "learned_range"] = "fixed_small"  # learned_range: L_hybrid (IDDPM)
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023); pair with v_prediction
+    # Clip predicted x_0 to [-1, 1] while sampling. Off for latents: they are unit-variance, not bounded, and
+    # clipping them erases what the tails encode (on shapes: every red and yellow). Stable Diffusion's is off too.
+    clip_sample: bool = False
     # --- objective ---
     snr_gamma: float | None = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); None = plain MSE
     noise_offset: float = 0.0  # offset noise scale (0 = off)
@@ -124,27 +136,43 @@ class TrainLDMConfig(DataConfig):
     hub_model_id: str | None = None  # repo id for push_to_hub
 
     def validate(self) -> None:
-        positive = (
-            "resolution",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "max_train_steps",
-            "num_train_timesteps",
-            "dataloader_batch_size",
-            "max_consecutive_nonfinite",
+        super().validate()
+        check_ranges(
+            self,
+            positive=(
+                "tokenizer_max_length",
+                "num_train_timesteps",
+                "snr_gamma",
+                "train_batch_size",
+                "gradient_accumulation_steps",
+                "max_train_steps",
+                "learning_rate",
+                "adam_epsilon",
+                "max_grad_norm",
+                "max_consecutive_nonfinite",
+                "ema_power",
+                "dataloader_batch_size",
+                "torch_threads",
+                "checkpoints_total_limit",
+                "log_every",
+                "validation_inference_steps",
+            ),
+            non_negative=(
+                "noise_offset",
+                "input_perturbation",
+                "vlb_weight",
+                "lr_warmup_steps",
+                "adam_weight_decay",
+                "checkpointing_steps",
+                "validation_steps",
+                "num_validation_samples",
+            ),
+            unit_interval=("caption_dropout", "adam_beta1", "adam_beta2"),
         )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(self, name)}.")
-        for name in ("caption_dropout",):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"Config key '{name}' must be in [0, 1), got {getattr(self, name)}.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"Config key 'lr_scheduler' must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"Config key 'ema_decay' must be in (0, 1), got {self.ema_decay}.")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"Config key 'learning_rate' must be > 0, got {self.learning_rate}.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ConfigError(f"Config key 'snr_gamma' must be > 0 or None, got {self.snr_gamma}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
 
@@ -174,6 +202,9 @@ def build_unet(config: TrainLDMConfig, vae, text_encoder) -> ConditionalUNet:
 def main(argv: list[str] | None = None) -> Path:
     config = parse_config(TrainLDMConfig, argv)
     output_dir = Path(config.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    # Before any model or data is loaded, so that a wrong path fails in seconds.
+    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -204,6 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
         prediction_type=config.prediction_type,
         variance_type=config.variance_type,
         rescale_betas_zero_snr=config.rescale_betas_zero_snr,
+        clip_sample=config.clip_sample,
     )
     unet = build_unet(config, vae, text_encoder)
     if config.gradient_checkpointing:
@@ -244,6 +276,7 @@ def main(argv: list[str] | None = None) -> Path:
                 random_flip=config.random_flip,
                 batch_size=config.dataloader_batch_size,
                 device=accelerator.device,
+                seed=config.seed,
             )
             save_latent_cache(cache, cache_folder)
         else:
@@ -303,11 +336,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 4. Resume: model/optimizer/LR/RNG from accelerate, EMA from its safetensors, the step from our state.
     global_step, skipped_steps = 0, 0
-    checkpoint_dir = output_dir / "checkpoints"
-    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = read_training_state(checkpoint)
+        state = load_checkpoint(accelerator, checkpoint)
         global_step, skipped_steps = state["global_step"], state["skipped_steps"]
         if ema is not None:
             ema.load_state_dict(
@@ -317,6 +347,8 @@ def main(argv: list[str] | None = None) -> Path:
         logger.info(f"Resumed from {checkpoint} at step {global_step}")
     elif config.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {checkpoint_dir} yet: starting from scratch")
+
+    guard = NonFiniteGuard(config.max_consecutive_nonfinite, checkpoint_dir, skipped=skipped_steps)
 
     manifest = build_manifest(config_to_dict(config), config.seed, fingerprint, cache_key=key)
 
@@ -331,7 +363,7 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator,
             checkpoint_dir,
             global_step,
-            {"global_step": global_step, "skipped_steps": skipped_steps},
+            {"global_step": global_step, "skipped_steps": guard.skipped},
             write_extra=write_extra,
             total_limit=config.checkpoints_total_limit,
         )
@@ -346,121 +378,103 @@ def main(argv: list[str] | None = None) -> Path:
             scheduler=DDPMNoiseScheduler.from_config(noise_scheduler.config),
         )
 
-    # Preemption (SIGTERM/SIGINT): finish the current step, checkpoint, exit 0.
-    stop_signal: list[int] = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
     if accelerator.is_main_process:
-        accelerator.init_trackers("latentddpm", config=config_to_dict(config) | {"validation_prompts": None})
+        accelerator.init_trackers("latentddpm", config=tracker_config(config))
 
     # 5. The loop. One optimizer step = gradient_accumulation_steps micro-batches per process.
     accum = config.gradient_accumulation_steps
     device = accelerator.device
-    consecutive_nonfinite = 0
     progress = tqdm(
         total=config.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    unet.train()
-    while global_step < config.max_train_steps:
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            micro_step = global_step * accum + micro
-            generator = step_generator(config.seed, micro_step, accelerator.process_index)
-            rows = stream.indices(micro_step, accelerator.process_index)
-            latents, hidden, mask = cache.batch(rows, vae, generator, caption_dropout=config.caption_dropout)
-            noise = sample_noise(latents, generator, config.noise_offset)
-            perturbation = torch.randn(latents.shape, generator=generator) if config.input_perturbation else None
-            timesteps = sample_timesteps(latents.shape[0], config.num_train_timesteps, generator)
-            latents, hidden, mask, noise, timesteps = (t.to(device) for t in (latents, hidden, mask, noise, timesteps))
-            if perturbation is not None:
-                perturbation = perturbation.to(device)
+    # Preemption (SIGTERM/SIGINT): finish the current step, checkpoint, exit 0.
+    with stop_on_signals() as stop_signal:
+        unet.train()
+        while global_step < config.max_train_steps:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                micro_step = global_step * accum + micro
+                generator = step_generator(config.seed, micro_step, accelerator.process_index)
+                rows = stream.indices(micro_step, accelerator.process_index)
+                latents, hidden, mask = cache.batch(rows, vae, generator, caption_dropout=config.caption_dropout)
+                noise = sample_noise(latents, generator, config.noise_offset)
+                perturbation = torch.randn(latents.shape, generator=generator) if config.input_perturbation else None
+                timesteps = sample_timesteps(latents.shape[0], config.num_train_timesteps, generator)
+                latents, hidden, mask, noise, timesteps = (
+                    t.to(device) for t in (latents, hidden, mask, noise, timesteps)
+                )
+                if perturbation is not None:
+                    perturbation = perturbation.to(device)
 
-            # Gradients are all-reduced only on the last micro-batch.
-            sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                mse, vlb = diffusion_loss(
+                # Gradients are all-reduced only on the last micro-batch.
+                sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
+                with sync, accelerator.autocast():
+                    mse, vlb = diffusion_loss(
+                        unet,
+                        noise_scheduler,
+                        latents,
+                        noise,
+                        timesteps,
+                        hidden,
+                        mask,
+                        input_perturbation=config.input_perturbation,
+                        perturbation_noise=perturbation,
+                    )
+                    loss = (mse * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)).mean()
+                    if vlb is not None:
+                        loss = loss + config.vlb_weight * vlb.mean()
+                    accelerator.backward(loss / accum)
+                loss_sum += loss.detach() / accum
+
+            # Non-finite gradients (same on every process after the all-reduce): skip the update, count it.
+            grad_norm = accelerator.clip_grad_norm_(
+                unet.parameters(), config.max_grad_norm if config.max_grad_norm is not None else math.inf
+            )
+            stepped = guard.should_step(grad_norm, global_step)
+            if stepped:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if ema is not None and stepped:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            global_step += 1
+            progress.update(1)
+
+            if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+                loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+
+            if stop_signal:
+                path = checkpoint_now()
+                accelerator.print(
+                    f"Received signal {stop_signal[0]} at step {global_step}: saved {path}. Resume with "
+                    f"--resume_from_checkpoint latest (same output_dir)."
+                )
+                accelerator.end_training()
+                sys.exit(0)
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                checkpoint_now()
+            if (
+                config.validation_steps
+                and global_step % config.validation_steps == 0
+                and global_step < config.max_train_steps
+            ):
+                run_validation(
+                    config,
+                    accelerator,
                     unet,
+                    ema,
+                    make_pipeline,
                     noise_scheduler,
-                    latents,
-                    noise,
-                    timesteps,
-                    hidden,
-                    mask,
-                    input_perturbation=config.input_perturbation,
-                    perturbation_noise=perturbation,
+                    cache,
+                    validation_rows,
+                    vae,
+                    global_step,
                 )
-                loss = (mse * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)).mean()
-                if vlb is not None:
-                    loss = loss + config.vlb_weight * vlb.mean()
-                accelerator.backward(loss / accum)
-            loss_sum += loss.detach() / accum
-
-        # Non-finite gradients (same on every process after the all-reduce): skip the update, count it.
-        grad_norm = accelerator.clip_grad_norm_(
-            unet.parameters(), config.max_grad_norm if config.max_grad_norm is not None else math.inf
-        )
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            consecutive_nonfinite = 0
-        else:
-            skipped_steps += 1
-            consecutive_nonfinite += 1
-            logger.warning(f"Step {global_step}: non-finite gradients, update skipped ({skipped_steps} so far)")
-            if consecutive_nonfinite >= config.max_consecutive_nonfinite:
-                last = resolve_checkpoint(checkpoint_dir, "latest")
-                raise RuntimeError(
-                    f"Stopping at step {global_step}: {consecutive_nonfinite} steps in a row had non-finite "
-                    f"loss or gradients. Last good checkpoint: {last or 'none'}. Lower learning_rate, enable "
-                    "max_grad_norm or use bf16 instead of fp16, then resume from it."
-                )
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if ema is not None and torch.isfinite(grad_norm):
-            ema.step(accelerator.unwrap_model(unet).parameters())
-        global_step += 1
-        progress.update(1)
-
-        if global_step % config.log_every == 0 or global_step == config.max_train_steps:
-            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-
-        if stop_signal:
-            path = checkpoint_now()
-            accelerator.print(
-                f"Received signal {stop_signal[0]} at step {global_step}: saved {path}. Resume with "
-                f"--resume_from_checkpoint latest (same output_dir)."
-            )
-            accelerator.end_training()
-            sys.exit(0)
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-            checkpoint_now()
-        if (
-            config.validation_steps
-            and global_step % config.validation_steps == 0
-            and global_step < config.max_train_steps
-        ):
-            run_validation(
-                config,
-                accelerator,
-                unet,
-                ema,
-                make_pipeline,
-                noise_scheduler,
-                cache,
-                validation_rows,
-                vae,
-                global_step,
-            )
-            unet.train()
+                unet.train()
     progress.close()
-    for signum, handler in previous_handlers.items():
-        signal.signal(signum, handler)
 
     # 6. Save the pipeline with EMA weights, its config and manifest, and a sample grid.
     accelerator.wait_for_everyone()
@@ -473,7 +487,8 @@ def main(argv: list[str] | None = None) -> Path:
         pipeline = make_pipeline()
         pipeline.save_pretrained(str(output_dir))
         save_config(config, output_dir / "train_config.yaml")
-        write_manifest(manifest | {"final_metrics": metrics, "skipped_steps": skipped_steps}, output_dir)
+        final_metrics = {k: v for k, v in metrics.items() if k != "grid"}  # the grid is saved as a PNG
+        write_manifest(manifest | {"final_metrics": final_metrics, "skipped_steps": guard.skipped}, output_dir)
         if config.push_to_hub:
             pipeline.push_to_hub(config.hub_model_id, dataset=config.dataset, sample_grid=metrics.get("grid"))
         logger.info(f"Saved the pipeline to {output_dir}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,17 +26,27 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
 from latentddpm.batching import ShuffledStream, step_generator
-from latentddpm.checkpointing import read_training_state, resolve_checkpoint, save_checkpoint
-from latentddpm.config import ConfigError, DataConfig, config_to_dict, parse_config, save_config
+from latentddpm.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint, stop_on_signals
+from latentddpm.config import (
+    ConfigError,
+    DataConfig,
+    check_ranges,
+    config_to_dict,
+    parse_config,
+    save_config,
+    tracker_config,
+)
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.manifest import build_manifest, write_manifest
+from latentddpm.nonfinite import NonFiniteGuard
 
 logger = get_logger(__name__)
+LR_SCHEDULERS = [s.value for s in SchedulerType]
 
 
 @dataclass
@@ -57,6 +68,7 @@ class TrainVAEConfig(DataConfig):
     lr_warmup_steps: int = 50  # warmup steps
     adam_weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0  # gradient clipping (None = off)
+    max_consecutive_nonfinite: int = 5  # stop after this many skipped steps in a row with NaN/inf gradients
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
     torch_threads: int | None = None  # torch.set_num_threads on CPU (None = torch default)
     # --- latent scaling, evaluation, output ---
@@ -72,9 +84,35 @@ class TrainVAEConfig(DataConfig):
     log_every: int = 50  # log every N steps
 
     def validate(self) -> None:
-        for name in ("train_batch_size", "max_train_steps", "latent_channels", "layers_per_block", "scale_samples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(self, name)}.")
+        super().validate()
+        check_ranges(
+            self,
+            positive=(
+                "layers_per_block",
+                "latent_channels",
+                "norm_num_groups",
+                "train_batch_size",
+                "max_train_steps",
+                "learning_rate",
+                "max_grad_norm",
+                "torch_threads",
+                "scale_samples",
+                "checkpoints_total_limit",
+                "log_every",
+                "max_consecutive_nonfinite",
+            ),
+            non_negative=(
+                "kl_weight",
+                "lr_warmup_steps",
+                "adam_weight_decay",
+                "num_validation_samples",
+                "checkpointing_steps",
+            ),
+        )
+        if not self.block_out_channels or min(self.block_out_channels) <= 0:
+            raise ConfigError(f"Config key 'block_out_channels' must be widths > 0, got {self.block_out_channels}.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"Config key 'lr_scheduler' must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(
@@ -106,6 +144,9 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> Path:
     config = parse_config(TrainVAEConfig, argv)
     output_dir = Path(config.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    # Before any data is loaded, so that a wrong path fails in seconds.
+    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -122,6 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 1. Data: decode, check and convert every image once; hold out the last rows for PSNR.
     dataset = config.load_dataset(config.seed)
+    fingerprint = dataset._fingerprint  # of the data as loaded, like train_ldm's manifest
     dataset, report = prepare_image_dataset(dataset, config.image_column, min_size=config.min_image_size)
     logger.info(f"Data: {report}")
     transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
@@ -164,21 +206,31 @@ def main(argv: list[str] | None = None) -> Path:
         config.resolution // 2 ** (levels - 1),
     )
 
-    global_step = 0
-    checkpoint_dir = output_dir / "checkpoints"
-    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
+    global_step, skipped_steps = 0, 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = read_training_state(checkpoint)["global_step"]
+        state = load_checkpoint(accelerator, checkpoint)
+        global_step, skipped_steps = state["global_step"], state["skipped_steps"]
         logger.info(f"Resumed from {checkpoint} at step {global_step}")
-    manifest = build_manifest(config_to_dict(config), config.seed, dataset._fingerprint)
+    guard = NonFiniteGuard(config.max_consecutive_nonfinite, checkpoint_dir, skipped=skipped_steps)
+
+    manifest = build_manifest(config_to_dict(config), config.seed, fingerprint)
 
     def write_extra(folder: Path) -> None:
         save_config(config, folder / "train_config.yaml")
         write_manifest(manifest, folder)
 
+    def checkpoint_now() -> Path:
+        return save_checkpoint(
+            accelerator,
+            checkpoint_dir,
+            global_step,
+            {"global_step": global_step, "skipped_steps": guard.skipped},
+            write_extra=write_extra,
+            total_limit=config.checkpoints_total_limit,
+        )
+
     if accelerator.is_main_process:
-        accelerator.init_trackers("latentddpm-vae", config=config_to_dict(config))
+        accelerator.init_trackers("latentddpm-vae", config=tracker_config(config))
 
     # 3. The loop.
     device = accelerator.device
@@ -188,40 +240,44 @@ def main(argv: list[str] | None = None) -> Path:
         desc="VAE steps",
         disable=not accelerator.is_local_main_process,
     )
-    model.train()
-    while global_step < config.max_train_steps:
-        generator = step_generator(config.seed, global_step, accelerator.process_index)
-        pixels = load_pixels(stream.indices(global_step, accelerator.process_index), generator).to(device)
-        eps = torch.randn((pixels.shape[0], *latent_shape), generator=generator).to(device)
-        with accelerator.autocast():
-            reconstruction, kl = model(pixels, eps)
-        reconstruction = reconstruction.float()
-        if config.reconstruction_loss == "l1":
-            rec_loss = F.l1_loss(reconstruction, pixels)
-        else:
-            rec_loss = F.mse_loss(reconstruction, pixels)
-        kl_loss = kl.mean()
-        loss = rec_loss + config.kl_weight * kl_loss
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        global_step += 1
-        progress.update(1)
-        if global_step % config.log_every == 0 or global_step == config.max_train_steps:
-            logs = {"rec_loss": rec_loss.item(), "kl": kl_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl']:.1f}")
-            accelerator.log(logs, step=global_step)
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-            save_checkpoint(
-                accelerator,
-                checkpoint_dir,
-                global_step,
-                {"global_step": global_step},
-                write_extra=write_extra,
-                total_limit=config.checkpoints_total_limit,
-            )
+    # Preemption (SIGTERM/SIGINT): finish the current step, checkpoint, exit 0.
+    with stop_on_signals() as stop_signal:
+        model.train()
+        while global_step < config.max_train_steps:
+            generator = step_generator(config.seed, global_step, accelerator.process_index)
+            pixels = load_pixels(stream.indices(global_step, accelerator.process_index), generator).to(device)
+            eps = torch.randn((pixels.shape[0], *latent_shape), generator=generator).to(device)
+            with accelerator.autocast():
+                reconstruction, kl = model(pixels, eps)
+            reconstruction = reconstruction.float()
+            if config.reconstruction_loss == "l1":
+                rec_loss = F.l1_loss(reconstruction, pixels)
+            else:
+                rec_loss = F.mse_loss(reconstruction, pixels)
+            kl_loss = kl.mean()
+            loss = rec_loss + config.kl_weight * kl_loss
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+            if guard.should_step(grad_norm, global_step):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            progress.update(1)
+            if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+                logs = {"rec_loss": rec_loss.item(), "kl": kl_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl']:.1f}")
+                accelerator.log(logs, step=global_step)
+            if stop_signal:
+                path = checkpoint_now()
+                accelerator.print(
+                    f"Received signal {stop_signal[0]} at step {global_step}: saved {path}. Resume with "
+                    f"--resume_from_checkpoint latest (same output_dir)."
+                )
+                accelerator.end_training()
+                sys.exit(0)
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                checkpoint_now()
     progress.close()
 
     # 4. Held-out PSNR, data-derived latent scaling, save.
@@ -249,7 +305,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
         vae.save_pretrained(str(output_dir))
         save_config(config, output_dir / "train_config.yaml")
-        write_manifest(manifest | {"final_metrics": metrics}, output_dir)
+        write_manifest(manifest | {"final_metrics": metrics, "skipped_steps": guard.skipped}, output_dir)
         accelerator.log({"psnr": metrics["psnr"]}, step=global_step)
         accelerator.print(
             f"VAE saved to {output_dir}: held-out PSNR {metrics['psnr']:.2f} dB, latent mean "

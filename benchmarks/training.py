@@ -1,0 +1,339 @@
+"""Speed and peak memory of a train_ldm step against the same loop on diffusers' parts, and what latent caching saves.
+
+Usage:
+    python -m benchmarks.training [--steps 20] [--batch 128] [--device cpu|cuda] [--dtype fp32|bf16] [--threads 1]
+
+The setup is the demo's, read from configs/shapes_ldm.yaml (noise schedule, objective, optimizer, EMA, prompt length)
+and configs/shapes_vae.yaml (the VAE), with the `--config` U-Net (configs/unet/small.json by default). Weights are
+random: the cost does not depend on them. `--dtype bf16` runs the step under `torch.autocast` with float32 weights,
+as `--mixed_precision bf16` does in train_ldm.
+
+One training step, in both loops: noise and timesteps, x_t and the v-prediction target from the scheduler, U-Net
+forward, min-SNR-gamma weighted MSE, backward, gradient clipping, AdamW step, EMA step.
+
+(a) ours vs diffusers, on the same batch (latents, text states and mask, noise, timesteps):
+    - ours: `ConditionalUNet` + `DDPMNoiseScheduler` + `latentddpm.losses` (`diffusion_loss`, `min_snr_weights`);
+    - diffusers: the `UNet2DConditionModel` of `to_unet2d_condition_config` with the same weights + `DDPMScheduler`
+      with the same schedule, x_t from `add_noise`, the target from `get_velocity` and min-SNR from
+      `diffusers.training_utils.compute_snr`, as diffusers' examples/text_to_image/train_text_to_image.py does.
+    Time: one process, both warmed up, then alternating step by step (which goes first also alternates); medians.
+    Peak memory: `benchmarks.unet.peak_allocated` over one step after the warm-up (CUDA: max_memory_allocated; CPU:
+    the running sum of the allocations and frees that torch.profiler records), above what was allocated before it.
+
+(b) latent caching, our step on fresh batches of the shapes dataset: the rows' latents and text embeddings from a
+    `LatentCache` (`LatentCache.batch`: a posterior sample from the cached moments, cached prompt states, caption
+    dropout), as train_ldm does, against encoding every batch on the fly with the VAE (`encode_images`) and the text
+    encoder (`encode_prompt`), under the same autocast as the step. The images are decoded and transformed to pixels
+    once beforehand, so the on-the-fly time leaves out image decoding and the speed-up is a lower bound. Alternating
+    step by step; medians. "data per step" is the part of a step before the U-Net step starts.
+
+On a CPU shared with other jobs pass `--threads 1`: with more threads than idle cores, OpenMP barriers make step
+times swing by up to 10x.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import logging
+from transformers.utils import logging as transformers_logging
+
+from benchmarks.unet import build_models, make_batch, peak_allocated, synchronize
+from latentddpm.batching import ShuffledStream, step_generator
+from latentddpm.cache import build_latent_cache
+from latentddpm.config import parse_config
+from latentddpm.configs import config_path
+from latentddpm.data.shapes import make_shapes_dataset
+from latentddpm.data.transforms import ImageTransform
+from latentddpm.latents import encode_images, vae_scale_factor
+from latentddpm.losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps
+from latentddpm.schedulers import DDPMNoiseScheduler
+from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
+from latentddpm.training.train_ldm import TrainLDMConfig
+from latentddpm.training.train_vae import TrainVAEConfig
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+Batch = dict[str, torch.Tensor]  # the keyword names of the U-Net's forward, plus "noise"
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small", help="name of a file in configs/unet/ (without .json)")
+    parser.add_argument("--batch", type=int, default=128, help="images per step (the demo's train_batch_size)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(AUTOCAST_DTYPES), help="autocast precision")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser.parse_args(argv)
+
+
+def autocast(args: argparse.Namespace) -> torch.autocast:
+    dtype = AUTOCAST_DTYPES[args.dtype]
+    return torch.autocast(torch.device(args.device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def ours_loss(unet, batch: Batch, scheduler: DDPMNoiseScheduler, snr_gamma: float | None) -> torch.Tensor:
+    mse, _ = diffusion_loss(
+        unet,
+        scheduler,
+        batch["sample"],
+        batch["noise"],
+        batch["timestep"],
+        batch["encoder_hidden_states"],
+        batch["encoder_attention_mask"],
+    )
+    return (mse * min_snr_weights(scheduler, batch["timestep"], snr_gamma)).mean()
+
+
+def diffusers_loss(unet, batch: Batch, scheduler: DDPMScheduler, snr_gamma: float | None) -> torch.Tensor:
+    """The v-prediction loss of diffusers' train_text_to_image.py, its min-SNR weighting included."""
+    latents, noise, timesteps = batch["sample"], batch["noise"], batch["timestep"]
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps)
+    prediction = unet(
+        noisy_latents,
+        timesteps,
+        batch["encoder_hidden_states"],
+        encoder_attention_mask=batch["encoder_attention_mask"],
+        return_dict=False,
+    )[0]
+    mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return mse.mean()
+    snr = compute_snr(scheduler, timesteps)
+    return (mse * torch.clamp(snr, max=snr_gamma) / (snr + 1)).mean()
+
+
+def make_train_step(
+    unet: torch.nn.Module, loss_fn: LossFn, config: TrainLDMConfig, args: argparse.Namespace
+) -> Callable[[Batch], None]:
+    """A closure running one optimizer step of `unet` on a batch, with its own AdamW and EMA set up as in train_ldm."""
+    unet.train()
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, power=config.ema_power)
+    ema.to(args.device)
+
+    def step(batch: Batch) -> None:
+        with autocast(args):
+            loss = loss_fn(unet, batch)
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+
+    return step
+
+
+def median_seconds(steps: dict[str, Callable[[int], None]], args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of `steps[name](i)` over `args.steps` calls after `args.warmup`, interleaved call by call."""
+    for i in range(args.warmup):
+        for step in steps.values():
+            step(i)
+    synchronize(args.device)
+    names = list(steps)
+    times = {name: [] for name in names}
+    for i in range(args.warmup, args.warmup + args.steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name](i)
+            synchronize(args.device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def schedule(config: TrainLDMConfig) -> dict:
+    """The noise schedule and target, in the argument names both DDPMNoiseScheduler and DDPMScheduler take."""
+    return dict(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+    )
+
+
+def compare_with_diffusers(
+    models: dict[str, torch.nn.Module], batch: Batch, config: TrainLDMConfig, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """(a): median seconds per step and peak allocated bytes of our loop and diffusers', on one fixed batch."""
+    loss_fns = {
+        "ours": partial(ours_loss, scheduler=DDPMNoiseScheduler(**schedule(config)), snr_gamma=config.snr_gamma),
+        "diffusers": partial(diffusers_loss, scheduler=DDPMScheduler(**schedule(config)), snr_gamma=config.snr_gamma),
+    }
+    train_steps = {name: make_train_step(models[name], loss_fns[name], config, args) for name in models}
+
+    def on_the_batch(step: Callable[[Batch], None]) -> Callable[[int], None]:
+        def run(i: int) -> None:
+            step(batch)
+
+        return run
+
+    seconds = median_seconds({name: on_the_batch(step) for name, step in train_steps.items()}, args)
+    peak = {name: peak_allocated(partial(step, batch), args.device) for name, step in train_steps.items()}
+    return {"seconds": seconds, "peak_allocated": peak}
+
+
+def shapes_vae(vae_config: TrainVAEConfig) -> AutoencoderKL:
+    """The AutoencoderKL that train_vae builds for `vae_config` (random weights)."""
+    levels = len(vae_config.block_out_channels)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(vae_config.block_out_channels),
+        layers_per_block=vae_config.layers_per_block,
+        latent_channels=vae_config.latent_channels,
+        norm_num_groups=vae_config.norm_num_groups,
+        sample_size=vae_config.resolution,
+        mid_block_add_attention=vae_config.mid_block_add_attention,
+    )
+
+
+def compare_caching(
+    unet: torch.nn.Module, config: TrainLDMConfig, vae_config: TrainVAEConfig, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """(b): median seconds per step, and of its data part, with cached latents and text embeddings and without."""
+    device = args.device
+    tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
+    tokenizer.model_max_length = config.tokenizer_max_length
+    text_encoder.to(device).requires_grad_(False)
+    vae = shapes_vae(vae_config).to(device).eval().requires_grad_(False)
+    expected = {
+        "in_channels": vae.config.latent_channels,
+        "sample_size": config.resolution // vae_scale_factor(vae),
+        "cross_attention_dim": text_encoder.config.hidden_size,
+    }
+    got = {key: unet.config[key] for key in expected}
+    if got != expected:
+        raise ValueError(f"--config {args.config!r} has {got}; the shapes VAE and text encoder need {expected}.")
+
+    # Four batches' worth of images: the data path does not get slower with more, only the cache build does.
+    dataset = make_shapes_dataset(num_images=4 * args.batch, size=config.resolution, seed=args.seed)
+    transform = ImageTransform(config.resolution, center_crop=config.center_crop)
+    cache = build_latent_cache(
+        dataset,
+        image_column="image",
+        caption_column="text",
+        transform=transform,
+        vae=vae,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        random_flip=False,
+        batch_size=config.dataloader_batch_size,
+        device=device,
+        show_progress=False,
+        seed=args.seed,
+    )
+    pixels = torch.stack([transform(image) for image in dataset["image"]])
+    captions = dataset["text"]
+    stream = ShuffledStream(len(dataset), args.batch, seed=args.seed)
+    loss_fn = partial(ours_loss, scheduler=DDPMNoiseScheduler(**schedule(config)), snr_gamma=config.snr_gamma)
+    train_step = make_train_step(unet, loss_fn, config, args)
+    data_seconds = {"cached": [], "on the fly": []}
+
+    def train_on(name: str, i: int, start: float, latents, hidden, mask, generator: torch.Generator) -> None:
+        noise = sample_noise(latents.cpu(), generator, config.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], config.num_train_timesteps, generator)
+        batch = {
+            "sample": latents,
+            "encoder_hidden_states": hidden,
+            "encoder_attention_mask": mask,
+            "noise": noise,
+            "timestep": timesteps,
+        }
+        batch = {key: value.to(device) for key, value in batch.items()}
+        synchronize(device)
+        if i >= args.warmup:
+            data_seconds[name].append(time.perf_counter() - start)
+        train_step(batch)
+
+    def cached(i: int) -> None:
+        start = time.perf_counter()
+        generator = step_generator(args.seed, i)
+        latents, hidden, mask = cache.batch(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
+        train_on("cached", i, start, latents, hidden, mask, generator)
+
+    def on_the_fly(i: int) -> None:
+        start = time.perf_counter()
+        generator = step_generator(args.seed, i)
+        rows = stream.indices(i).tolist()
+        dropped = (torch.rand(len(rows), generator=generator) < config.caption_dropout).tolist()
+        # Caption dropout to the empty prompt, as LatentCache.batch does with its cached empty-prompt row.
+        prompts = ["" if drop else captions[row] for row, drop in zip(rows, dropped)]
+        with torch.no_grad(), autocast(args):
+            latents = encode_images(vae, pixels[rows].to(device), generator)
+            hidden, mask = encode_prompt(prompts, tokenizer, text_encoder, device=device)
+        train_on("on the fly", i, start, latents.float(), hidden.float(), mask, generator)
+
+    seconds = median_seconds({"cached": cached, "on the fly": on_the_fly}, args)
+    return {"seconds": seconds, "data_seconds": {name: statistics.median(v) for name, v in data_seconds.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.set_verbosity_error()  # not the "modules that should be kept in float32: []" notice of `.to(dtype)`
+    transformers_logging.disable_progress_bar()  # nor the text encoder's "Loading weights" bar
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = parse_config(TrainLDMConfig, ["--config", str(config_path("shapes_ldm.yaml"))])
+    vae_config = parse_config(TrainVAEConfig, ["--config", str(config_path("shapes_vae.yaml"))])
+
+    # benchmarks.unet's helpers build float32 models and inputs (`--dtype` is the autocast precision here, not the
+    # weights' dtype as there), with prompts as long as the demo's.
+    unet_args = argparse.Namespace(**vars(args) | {"dtype": "fp32", "seq_len": config.tokenizer_max_length})
+    models = build_models(unet_args)
+    batch = make_batch(models["ours"].config, unet_args)
+    noise_generator = torch.Generator().manual_seed(args.seed)
+    batch["noise"] = torch.randn(batch["sample"].shape, generator=noise_generator).to(args.device)
+    params = sum(p.numel() for p in models["ours"].parameters())
+    a = compare_with_diffusers(models, batch, config, args)
+    del models["diffusers"]
+    b = compare_caching(models["ours"], config, vae_config, args)
+
+    if args.device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    command = " ".join(["python -m benchmarks.training", *(argv if argv is not None else sys.argv[1:])])
+    print(f"command: {command}")
+    print(
+        f"U-Net config={args.config} ({params / 1e6:.2f}M parameters) batch={args.batch} steps={args.steps} "
+        f"device={args.device} ({device}) autocast={args.dtype} torch={torch.__version__}"
+    )
+    print()
+    print("| (a) training step | ours | diffusers | ours/diffusers |")
+    print("| --- | ---: | ---: | ---: |")
+    ours, theirs = a["seconds"]["ours"], a["seconds"]["diffusers"]
+    print(f"| step, ms | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | {ours / theirs:.3f} |")
+    print(f"| images/s | {args.batch / ours:.1f} | {args.batch / theirs:.1f} | {theirs / ours:.3f} |")
+    ours, theirs = a["peak_allocated"]["ours"], a["peak_allocated"]["diffusers"]
+    print(f"| peak allocated, MiB | {ours / 2**20:.1f} | {theirs / 2**20:.1f} | {ours / theirs:.3f} |")
+    print()
+    print("| (b) latent caching | cached | on the fly | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    cached, fly = b["data_seconds"]["cached"], b["data_seconds"]["on the fly"]
+    print(f"| data per step, ms | {cached * 1e3:.1f} | {fly * 1e3:.1f} | {fly / cached:.1f} |")
+    cached, fly = b["seconds"]["cached"], b["seconds"]["on the fly"]
+    print(f"| step with its data, ms | {cached * 1e3:.1f} | {fly * 1e3:.1f} | {fly / cached:.3f} |")
+    print(f"| images/s | {args.batch / cached:.1f} | {args.batch / fly:.1f} | {fly / cached:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
