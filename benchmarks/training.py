@@ -42,7 +42,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import logging
 from transformers.utils import logging as transformers_logging
@@ -59,7 +59,7 @@ from latentddpm.losses import diffusion_loss, min_snr_weights, sample_noise, sam
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
 from latentddpm.training.train_ldm import TrainLDMConfig
-from latentddpm.training.train_vae import TrainVAEConfig
+from latentddpm.training.train_vae import TrainVAEConfig, build_vae
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 Batch = dict[str, torch.Tensor]  # the keyword names of the U-Net's forward, plus "noise"
@@ -191,21 +191,6 @@ def compare_with_diffusers(
     return {"seconds": seconds, "peak_allocated": peak}
 
 
-def shapes_vae(vae_config: TrainVAEConfig) -> AutoencoderKL:
-    """The AutoencoderKL that train_vae builds for `vae_config` (random weights)."""
-    levels = len(vae_config.block_out_channels)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(vae_config.block_out_channels),
-        layers_per_block=vae_config.layers_per_block,
-        latent_channels=vae_config.latent_channels,
-        norm_num_groups=vae_config.norm_num_groups,
-        sample_size=vae_config.resolution,
-        mid_block_add_attention=vae_config.mid_block_add_attention,
-    )
-
-
 def compare_caching(
     unet: torch.nn.Module, config: TrainLDMConfig, vae_config: TrainVAEConfig, args: argparse.Namespace
 ) -> dict[str, dict[str, float]]:
@@ -214,7 +199,7 @@ def compare_caching(
     tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
     tokenizer.model_max_length = config.tokenizer_max_length
     text_encoder.to(device).requires_grad_(False)
-    vae = shapes_vae(vae_config).to(device).eval().requires_grad_(False)
+    vae = build_vae(vae_config).to(device).eval().requires_grad_(False)
     expected = {
         "in_channels": vae.config.latent_channels,
         "sample_size": config.resolution // vae_scale_factor(vae),

@@ -135,6 +135,23 @@ class AutoencoderLoss(torch.nn.Module):
         return reconstruction, posterior.kl() / posterior.mean[0].numel()
 
 
+def build_vae(config: TrainVAEConfig) -> AutoencoderKL:
+    """A freshly initialised AutoencoderKL of the size `config` names."""
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=config.resolution,
+        mid_block_add_attention=config.mid_block_add_attention,
+    )
+
+
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1]. Shapes `(B, 3, H, W)` -> `(B,)`."""
     mse = ((reconstruction.clamp(-1, 1) - target) / 2).pow(2).mean(dim=(1, 2, 3))
@@ -179,18 +196,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 2. Model and optimizer.
     levels = len(config.block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        sample_size=config.resolution,
-        mid_block_add_attention=config.mid_block_add_attention,
-    )
+    vae = build_vae(config)
     logger.info(f"AutoencoderKL: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     lr_scheduler = get_scheduler(
