@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32", choices=sorted(AUTOCAST_DTYPES), help="autocast precision")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", type=int, default=0, help="also print the N ops that differ most in self time")
     return parser.parse_args(argv)
 
 
@@ -188,7 +189,28 @@ def compare_with_diffusers(
 
     seconds = median_seconds({name: on_the_batch(step) for name, step in train_steps.items()}, args)
     peak = {name: peak_allocated(partial(step, batch), args.device) for name, step in train_steps.items()}
+    if args.profile:
+        print_profile_difference({name: partial(step, batch) for name, step in train_steps.items()}, args)
     return {"seconds": seconds, "peak_allocated": peak}
+
+
+def print_profile_difference(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> None:
+    """Self time per op over 3 steps of each loop (torch.profiler), the `args.profile` ops that differ most."""
+    self_ms = {}
+    for name, step in steps.items():
+        with torch.profiler.profile() as profiler:
+            for _ in range(3):
+                step()
+            synchronize(args.device)
+        self_ms[name] = {e.key: e.self_cpu_time_total / 3e3 for e in profiler.key_averages()}
+    ops = set(self_ms["ours"]) | set(self_ms["diffusers"])
+    diff = {op: self_ms["ours"].get(op, 0.0) - self_ms["diffusers"].get(op, 0.0) for op in ops}
+    print(f"{'op (self CPU ms per step)':<48} {'ours':>9} {'diffusers':>9} {'ours - diffusers':>17}")
+    for op in sorted(ops, key=lambda op: -abs(diff[op]))[: args.profile]:
+        ours, theirs = self_ms["ours"].get(op, 0.0), self_ms["diffusers"].get(op, 0.0)
+        print(f"{op[:48]:<48} {ours:>9.2f} {theirs:>9.2f} {diff[op]:>17.2f}")
+    ours, theirs = (sum(self_ms[name].values()) for name in ("ours", "diffusers"))
+    print(f"{'total':<48} {ours:>9.2f} {theirs:>9.2f} {ours - theirs:>17.2f}")
 
 
 def compare_caching(

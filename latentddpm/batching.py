@@ -1,8 +1,8 @@
 """Deterministic batches that are a pure function of the step, so resuming is exact.
 
 No data loader state needs saving: the rows of micro-batch `m` on process `r` are fixed by (seed, m, r), and
-so are its random draws (noise, timesteps, caption choice). Resuming at step k replays exactly what an
-uninterrupted run would have seen from step k on, on any number of restarts.
+so are its random draws (noise, timesteps, caption choice; dropout through `seed_global_rng`). Resuming at step k
+replays exactly what an uninterrupted run would have seen from step k on, on any number of restarts.
 """
 
 from __future__ import annotations
@@ -11,10 +11,23 @@ import numpy as np
 import torch
 
 
+def _step_seeds(seed: int, micro_step: int, process_index: int) -> tuple[int, int]:
+    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
+
+
 def step_generator(seed: int, micro_step: int, process_index: int = 0) -> torch.Generator:
     """A CPU generator seeded from (seed, micro_step, process_index), independent for every combination."""
-    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.Generator().manual_seed(_step_seeds(seed, micro_step, process_index)[0])
+
+
+def seed_global_rng(seed: int, micro_step: int, process_index: int = 0) -> None:
+    """Seed torch's global generators (CPU and every GPU) from (seed, micro_step, process_index).
+
+    For the draws no generator can be passed to, such as dropout in a text encoder being trained: they become a
+    function of the step too, whatever ran before (a checkpoint, a validation). Independent of `step_generator`.
+    """
+    torch.manual_seed(_step_seeds(seed, micro_step, process_index)[1])
 
 
 class ShuffledStream:

@@ -11,6 +11,8 @@ What is stored (safetensors):
 - `text_hidden` `(U + 1, S, D)` and `text_mask` `(U + 1, S)`: one row per unique caption, the last row the
   empty prompt used for caption dropout (the same unconditional embedding the pipeline uses for CFG).
 - `caption_ids` `(N, K)`: indices into the caption rows for each image's K captions, -1 where an image has fewer.
+- `captions.json`: the unique captions themselves, in the order of the caption rows (the empty prompt not included),
+  for training the text encoder, which encodes the drawn captions anew each step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 from .latents import encode_posterior, scale_latents
 from .text import encode_prompt
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: captions.json
 
 
 @dataclass
@@ -37,6 +39,7 @@ class LatentCache:
     caption_ids: torch.Tensor
     text_hidden: torch.Tensor
     text_mask: torch.Tensor
+    captions: list[str]  # the unique captions, row i of `text_hidden` for i < empty_prompt_id
 
     def __len__(self) -> int:
         return self.latent_mean.shape[0]
@@ -45,19 +48,23 @@ class LatentCache:
     def empty_prompt_id(self) -> int:
         return self.text_hidden.shape[0] - 1
 
-    def batch(
+    def prompt(self, caption_id: int) -> str:
+        """The caption of a caption row; `""` for `empty_prompt_id`."""
+        return "" if caption_id == self.empty_prompt_id else self.captions[caption_id]
+
+    def draw(
         self,
         indices: torch.Tensor,
         vae,
         generator: torch.Generator,
         caption_dropout: float = 0.0,
         sample_posterior: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents and text conditioning for dataset rows `indices` (CPU tensors; move them yourself).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and caption rows for dataset rows `indices` (CPU tensors; move them yourself).
 
         Draws, with `generator`: the view (mirror or not), one caption per image, caption dropout to the empty
-        prompt, and the posterior sample. Returns `(latents (B, C, h, w), hidden (B, S, D), mask (B, S))`, the
-        latents already scaled with `scale_latents(vae, ...)`.
+        prompt, and the posterior sample. Returns `(latents (B, C, h, w), caption_ids (B,))`, the latents already
+        scaled with `scale_latents(vae, ...)`, `caption_ids` indexing `text_hidden` (see `text` and `prompt`).
         """
         b = indices.shape[0]
         views = torch.randint(0, self.latent_mean.shape[1], (b,), generator=generator)
@@ -71,7 +78,23 @@ class LatentCache:
         caption = ids[torch.arange(b), pick]
         drop = torch.rand(b, generator=generator) < caption_dropout
         caption = torch.where(drop, torch.full_like(caption, self.empty_prompt_id), caption)
-        return scale_latents(vae, latents), self.text_hidden[caption].float(), self.text_mask[caption]
+        return scale_latents(vae, latents), caption
+
+    def text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached `(hidden (B, S, D), mask (B, S))` of caption rows `caption_ids` (B,)."""
+        return self.text_hidden[caption_ids].float(), self.text_mask[caption_ids]
+
+    def batch(
+        self,
+        indices: torch.Tensor,
+        vae,
+        generator: torch.Generator,
+        caption_dropout: float = 0.0,
+        sample_posterior: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`draw` with the cached text conditioning: `(latents (B, C, h, w), hidden (B, S, D), mask (B, S))`."""
+        latents, caption_ids = self.draw(indices, vae, generator, caption_dropout, sample_posterior)
+        return latents, *self.text(caption_ids)
 
 
 def tensor_fingerprint(module: torch.nn.Module) -> str:
@@ -159,6 +182,7 @@ def build_latent_cache(
         caption_ids=caption_ids,
         text_hidden=torch.cat(hidden),
         text_mask=torch.cat(mask),
+        captions=unique,
     )
 
 
@@ -167,7 +191,9 @@ def save_latent_cache(cache: LatentCache, folder: str | Path) -> None:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vars(cache).items()}, str(tmp / "cache.safetensors"))
+    tensors = {k: v.contiguous() for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(tmp / "cache.safetensors"))
+    (tmp / "captions.json").write_text(json.dumps(cache.captions))
     tmp.replace(folder)
 
 
@@ -175,7 +201,7 @@ def load_latent_cache(folder: str | Path) -> LatentCache | None:
     path = Path(folder) / "cache.safetensors"
     if not path.is_file():
         return None
-    return LatentCache(**load_file(str(path)))
+    return LatentCache(**load_file(str(path)), captions=json.loads((Path(folder) / "captions.json").read_text()))
 
 
 def latent_stats(cache: LatentCache, vae) -> dict[str, float]:

@@ -110,7 +110,8 @@ def encode_prompt(
     text_inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     input_ids = text_inputs.input_ids.to(device)
     attention_mask = text_inputs.attention_mask.to(device=device, dtype=torch.long)
-    if "attention_mask" in inspect.signature(text_encoder.forward).parameters:
+    # The model's own forward: a DistributedDataParallel wrapper (a text encoder in training) takes `*inputs`.
+    if "attention_mask" in inspect.signature(getattr(text_encoder, "module", text_encoder).forward).parameters:
         encoder_hidden_states = text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state
     else:
         encoder_hidden_states = text_encoder(input_ids).last_hidden_state

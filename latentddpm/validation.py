@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +26,24 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 
 
 @torch.no_grad()
-def validation_loss(unet, scheduler, cache, rows: torch.Tensor, vae, snr_gamma: float | None, seed: int = 0) -> float:
-    """Mean weighted denoising loss on held-out rows, with fixed draws so numbers compare across steps."""
+def validation_loss(
+    unet,
+    scheduler,
+    cache,
+    rows: torch.Tensor,
+    vae,
+    snr_gamma: float | None,
+    seed: int = 0,
+    text: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> float:
+    """Mean weighted denoising loss on held-out rows, with fixed draws so numbers compare across steps.
+
+    `text` maps caption rows of `cache` to `(hidden, mask)`; the cached embeddings (`cache.text`) by default, the
+    text encoder being trained when there is one.
+    """
     generator = step_generator(seed, micro_step=0, process_index=10_000)
-    latents, hidden, mask = cache.batch(rows, vae, generator, caption_dropout=0.0)
+    latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.0)
+    hidden, mask = (text or cache.text)(caption_ids)
     noise = sample_noise(latents, generator)
     timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
     device = next(unet.parameters()).device
@@ -58,58 +74,112 @@ def score_shapes_prompts(
     return score_shapes(images, prompts), images
 
 
+@contextlib.contextmanager
+def ema_weights(model: torch.nn.Module, ema) -> Iterator[None]:
+    """Swap the EMA weights into `model` (when `ema` is a diffusers `EMAModel`), restoring the trained ones after."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
+
+
 def run_validation(
-    config, accelerator, unet, ema, make_pipeline, scheduler, cache, validation_rows, vae, step: int
+    config, accelerator, unet, ema, make_pipeline, scheduler, cache, validation_rows, vae, step: int, text=None
 ) -> dict:
     """Sample the validation prompts (EMA weights swapped in, then restored) and compute validation metrics.
 
-    Runs on the main process; returns the metrics logged (plus `grid`, the sample grid, when there is one).
+    Runs on the main process; returns the metrics logged (plus `grid`, the sample grid, when there is one). `text`
+    is passed on to `validation_loss`.
     """
     metrics: dict = {}
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return metrics
     model = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
     model.eval()
+    with ema_weights(model, ema):
+        if len(validation_rows):
+            metrics["val_loss"] = validation_loss(
+                model, scheduler, cache, validation_rows, vae, config.snr_gamma, config.seed, text
+            )
+        pipeline = make_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        out_dir = Path(config.output_dir) / "validation"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if config.validation_prompts:
+            images = pipeline(
+                config.validation_prompts,
+                num_inference_steps=config.validation_inference_steps,
+                guidance_scale=config.validation_guidance_scale,
+                generator=torch.Generator().manual_seed(config.seed),
+            ).images
+            grid = image_grid(images)
+            grid.save(out_dir / f"step-{step}.png")
+            metrics["grid"] = grid
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images(
+                        "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
+                    )
+        if config.validation_shapes_score:
+            scores, shape_images = score_shapes_prompts(
+                pipeline, config.validation_inference_steps, config.validation_guidance_scale, seed=config.seed
+            )
+            image_grid(shape_images, cols=15).save(out_dir / f"shapes-step-{step}.png")
+            metrics.update({f"shapes_{k}": v for k, v in scores.items()})
 
-    if len(validation_rows):
-        metrics["val_loss"] = validation_loss(
-            model, scheduler, cache, validation_rows, vae, config.snr_gamma, config.seed
-        )
-    pipeline = make_pipeline()
-    pipeline.set_progress_bar_config(disable=True)
-    out_dir = Path(config.output_dir) / "validation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.validation_prompts:
-        images = pipeline(
-            config.validation_prompts,
-            num_inference_steps=config.validation_inference_steps,
-            guidance_scale=config.validation_guidance_scale,
-            generator=torch.Generator().manual_seed(config.seed),
-        ).images
-        grid = image_grid(images)
-        grid.save(out_dir / f"step-{step}.png")
-        metrics["grid"] = grid
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images(
-                    "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
-                )
-    if config.validation_shapes_score:
-        scores, shape_images = score_shapes_prompts(
-            pipeline, config.validation_inference_steps, config.validation_guidance_scale, seed=config.seed
-        )
-        image_grid(shape_images, cols=15).save(out_dir / f"shapes-step-{step}.png")
-        metrics.update({f"shapes_{k}": v for k, v in scores.items()})
-
-    if ema is not None:
-        ema.restore(model.parameters())
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     accelerator.print(
         f"validation @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     )
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline, output_dir: str, step: int) -> dict:
+    """`latentddpm evaluate` on the model being trained (EMA weights swapped in), its metrics logged to the trackers.
+
+    Args:
+        evaluation_config (`str`): YAML file of `latentddpm.eval.sweep.EvaluateConfig` keys (data, classifier,
+            schedulers, steps, guidance, num_samples, ...); `model` and `out` are set here.
+        output_dir (`str`): the run's folder; the report goes to `output_dir/evaluation/step-{step}/`.
+
+    Returns:
+        `dict` of the logged metrics, `eval/{scheduler}-{steps}-cfg{guidance}/{metric}` (plus `eval/{group}/{metric}`
+        for the model-level ones such as VAE reconstruction), on the main process; `{}` elsewhere.
+    """
+    from .config import parse_config
+    from .eval.sweep import METRICS, EvaluateConfig, evaluate
+
+    metrics: dict = {}
+    if accelerator.is_main_process:
+        eval_config = parse_config(
+            EvaluateConfig,
+            [
+                "--config",
+                evaluation_config,
+                "--model",
+                str(output_dir),
+                "--out",
+                str(Path(output_dir) / "evaluation" / f"step-{step}"),
+                "--device",
+                str(accelerator.device),
+            ],
+        )
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        with ema_weights(model, ema):
+            results = evaluate(eval_config, pipeline=make_pipeline())
+        for row in results["rows"]:
+            setting = f"{row['scheduler']}-{row['steps']}-cfg{row['guidance']:g}"
+            metrics.update({f"eval/{setting}/{k}": v for k, v in row.items() if k in METRICS})
+        for group, values in results["model_metrics"].items():
+            metrics.update({f"eval/{group}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        accelerator.log(metrics, step=step)
+        accelerator.print(f"evaluation @ step {step}: {results['report']}")
     accelerator.wait_for_everyone()
     return metrics

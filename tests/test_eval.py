@@ -284,8 +284,7 @@ class GaussianDataDenoiser(torch.nn.Module):
 
 
 def test_strided_likelihood_bound_is_close_to_the_full_sum_for_a_small_T():
-    # The cosine schedule keeps the KL terms smooth in t; they still grow like 1/t near t = 0, which a stride
-    # undersamples, so the estimate is only close, and closer for a smaller stride.
+    # Stratified over blocks of `stride` timesteps, the strided bound is unbiased; one draw is close to the full sum.
     scheduler = DDPMNoiseScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
     denoiser = GaussianDataDenoiser(scheduler, data_std=0.5)
     latents = 0.5 * torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -299,9 +298,10 @@ def test_strided_likelihood_bound_is_close_to_the_full_sum_for_a_small_T():
     assert full.shape == (16,) and torch.isfinite(full).all() and (full > 0).all()
     assert denoiser.calls == 100
     by_two, by_five = bound(2).mean().item(), bound(5).mean().item()
-    assert denoiser.calls == 100 + (50 + 1) + (20 + 1)  # every stride-th t from 99 down to 1, then L_0
-    assert by_two == pytest.approx(full.mean().item(), rel=0.15)
-    assert abs(by_two - full.mean().item()) < abs(by_five - full.mean().item())
+    # one t per block of 2 (5) from 99 down to 3 (6), then each of t = 2, 1 (5 ... 1), then L_0
+    assert denoiser.calls == 100 + (49 + 2 + 1) + (19 + 5 + 1)
+    assert by_two == pytest.approx(full.mean().item(), rel=0.1)
+    assert by_five == pytest.approx(full.mean().item(), rel=0.1)
     torch.testing.assert_close(bound(1), full)  # deterministic for a seed
 
 

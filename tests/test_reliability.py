@@ -517,9 +517,7 @@ def test_config_saved_in_a_checkpoint_reproduces_the_run(reference, tmp_path):
 
 
 @pytest.mark.parametrize("tampered", ["optimizer.bin", "random_states_0.pkl"])
-def test_checkpoint_with_code_in_a_pickle_is_refused_and_the_code_never_runs(
-    ldm_args, reference, tmp_path, tampered
-):
+def test_checkpoint_with_code_in_a_pickle_is_refused_and_the_code_never_runs(ldm_args, reference, tmp_path, tampered):
     out = tmp_path / "run"
     checkpoint = shutil.copytree(reference / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-4")
     marker = tmp_path / "PWNED"

@@ -1,6 +1,7 @@
 """End-to-end tests of the training scripts on tiny components (CPU, fp32, a few steps each)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 from latentddpm import LatentDDPMPipeline
 from latentddpm.config import ConfigError
 from latentddpm.configs import config_path
+from latentddpm.eval.curves import load_scalars
+from latentddpm.text import default_text_encoder_path
 from latentddpm.training import train_ldm, train_vae
 
 
@@ -68,6 +71,76 @@ def test_resume_mid_run_matches_uninterrupted_run(tiny_vae, tmp_path):
         assert all(torch.equal(got[k], expected[k]) for k in expected), run
 
 
+def text_encoder_weights(folder):
+    return load_file(str(folder / "text_encoder" / "model.safetensors"))
+
+
+def test_training_the_text_encoder_changes_it_and_resumes_exactly(tiny_vae, tmp_path):
+    args = ("--train_text_encoder", "true", "--text_encoder_learning_rate", "1e-4")
+    straight = train_ldm.main(ldm_args(tiny_vae, tmp_path / "a", *args))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpointed = train_ldm.main(ldm_args(tiny_vae, tmp_path / "b", *args, "--checkpointing_steps", "3"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train_ldm.main(
+        ldm_args(
+            tiny_vae,
+            tmp_path / "c",
+            *args,
+            "--resume_from_checkpoint",
+            str(checkpointed / "checkpoints/checkpoint-3"),
+        )
+    )
+
+    pretrained = load_file(str(Path(default_text_encoder_path()) / "model.safetensors"))
+    trained = text_encoder_weights(straight)
+    assert set(trained) <= set(pretrained)  # the pretrained file also holds the old `position_ids` buffer
+    changed = [k for k in trained if not torch.equal(trained[k], pretrained[k])]
+    assert len(changed) > len(trained) // 2  # the update reached (nearly) every tensor
+    for run in (checkpointed, resumed):
+        assert all(torch.equal(text_encoder_weights(run)[k], trained[k]) for k in trained), run
+        assert all(torch.equal(unet_weights(run)[k], v) for k, v in unet_weights(straight).items()), run
+    pipe = LatentDDPMPipeline.from_pretrained(str(straight))
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_evaluation_hook_runs_every_n_steps_and_logs_its_metrics(tiny_vae, tmp_path):
+    evaluation = tmp_path / "evaluation.yaml"
+    evaluation.write_text(
+        "data: shapes\nschedulers: [ddim]\nsteps: [2]\nguidance: [2.0]\nnum_samples: 4\nbatch_size: 4\n"
+        "features: none\nshapes_num_images: 16\nreconstruction_samples: 8\ngrid_images: 4\n"
+    )
+    out = train_ldm.main(
+        ldm_args(
+            tiny_vae,
+            tmp_path,
+            "--evaluation_config",
+            str(evaluation),
+            "--evaluation_steps",
+            "4",
+            "--max_train_steps",
+            "8",
+            "--log_every",
+            "1",
+            "--report_to",
+            "tensorboard",
+        )
+    )
+    scalars = load_scalars(out / "logs")
+    for metric in ("all_acc", "color_acc", "shape_acc", "position_acc", "seconds_per_image"):
+        assert [step for step, _ in scalars[f"eval/ddim-2-cfg2/{metric}"]] == [4, 8]
+    assert [step for step, _ in scalars["eval/reconstruction/psnr"]] == [4, 8]
+    for step in (4, 8):
+        results = json.loads((out / "evaluation" / f"step-{step}" / "metrics.json").read_text())
+        (row,) = results["rows"]
+        assert dict(scalars["eval/ddim-2-cfg2/color_acc"])[step] == pytest.approx(row["color_acc"])
+        assert (out / "evaluation" / f"step-{step}" / "report.html").is_file()
+    # Training time is logged at every step, without the time spent evaluating.
+    minutes = [value for _, value in scalars["train_minutes"]]
+    assert len(minutes) == 8 and all(0 < a <= b for a, b in zip(minutes, minutes[1:]))
+    final = json.loads((out / "manifest.json").read_text())["final_metrics"]
+    assert final["eval/ddim-2-cfg2/all_acc"] == pytest.approx(dict(scalars["eval/ddim-2-cfg2/all_acc"])[8])
+
+
 def test_second_run_reuses_the_latent_cache(tiny_vae, tmp_path, caplog):
     train_ldm.main(ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1"))
     cache_files = list((tmp_path / "cache").glob("*/cache.safetensors"))
@@ -105,6 +178,7 @@ def test_vae_stage_writes_a_data_derived_scaling_factor(tmp_path):
         (["--learnig_rate", "1"], "Did you mean 'learning_rate'"),
         (["--max_train_steps", "-1"], "'max_train_steps' must be > 0"),
         (["--caption_column", "caption"], "caption"),
+        (["--evaluation_config", "no/such/eval.yaml"], "'evaluation_config': no such file"),
     ],
 )
 def test_bad_config_fails_before_training(tiny_vae, tmp_path, extra, message):

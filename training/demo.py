@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from latentddpm.configs import config_path
+from latentddpm.data.shapes import shapes_prompts
+from latentddpm.eval.shapes_judge import score_shapes
 from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.training import train_ldm, train_vae
 from latentddpm.validation import image_grid, score_shapes_prompts
@@ -62,21 +64,35 @@ def main(argv: list[str] | None = None) -> dict:
     timings["ldm_minutes"] = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
-    pipeline = LatentDDPMPipeline.from_pretrained(str(pipeline_dir))
-    pipeline.set_progress_bar_config(disable=True)
-    scores, images = score_shapes_prompts(pipeline, args.steps, args.guidance)
-    grid_path = out / "samples.png"
-    image_grid([im.resize((64, 64), resample=0) for im in images], cols=15).save(grid_path)
+    scores = score_saved_pipeline(pipeline_dir, out / "samples.png", args.steps, args.guidance)
     timings["sample_minutes"] = (time.perf_counter() - start) / 60
 
-    report = {**scores, **{k: round(v, 2) for k, v in timings.items()}, "grid": str(grid_path)}
+    report = {**scores, **{k: round(v, 2) for k, v in timings.items()}, "grid": str(out / "samples.png")}
     (out / "scores.json").write_text(json.dumps(report, indent=2))
     print(
         f"\nShapes scores on all 90 prompts ({args.steps} steps, guidance {args.guidance}): "
         f"color {scores['color_acc']:.3f}, shape {scores['shape_acc']:.3f}, position {scores['position_acc']:.3f}"
-        f"\nPipeline: {pipeline_dir}   sample grid: {grid_path}   minutes: {timings}"
+        f"\nPipeline: {pipeline_dir}   sample grid: {out / 'samples.png'}   minutes: {timings}"
     )
     return report
+
+
+def score_saved_pipeline(pipeline_dir: Path, grid_path: Path, steps: int, guidance: float) -> dict:
+    """Load the saved pipeline, sample the 90 shapes prompts (seed 0), save their grid and score them.
+
+    Returns the judge's accuracies on all prompts, and as `heldout_*` on the combinations the training held out.
+    """
+    pipeline = LatentDDPMPipeline.from_pretrained(str(pipeline_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    scores, images = score_shapes_prompts(pipeline, steps, guidance)
+    image_grid([im.resize((64, 64), resample=0) for im in images], cols=15).save(grid_path)
+    holdout = json.loads((Path(pipeline_dir) / "manifest.json").read_text())["config"]["shapes_holdout"]
+    prompts = shapes_prompts()
+    held = [i for i, prompt in enumerate(prompts) if prompt in holdout]
+    if held:
+        heldout = score_shapes([images[i] for i in held], [prompts[i] for i in held])
+        scores |= {f"heldout_{k}": v for k, v in heldout.items()}
+    return scores
 
 
 def _strip_prefix(args: list[str], prefix: str) -> list[str]:

@@ -4,32 +4,32 @@ Usage:
     accelerate launch training/train_ldm.py --config configs/shapes_ldm.yaml [--key value ...]
     latentddpm train-ldm --config configs/shapes_ldm.yaml [--key value ...]
 
-The VAE and text encoder are frozen; their outputs are precomputed once and cached on disk (`cache_dir`), so
-the loop only runs the U-Net. Batches and every random draw are a function of the step (see
-`latentddpm.batching`), which makes `--resume_from_checkpoint latest` continue at exactly the next batch.
+The VAE is frozen and so, by default, is the text encoder; their outputs are precomputed once and cached on disk
+(`cache_dir`), so the loop only runs the U-Net. With `train_text_encoder` the text encoder is trained along with the
+U-Net and encodes each step's captions (still drawn from the cache, which holds them). Batches and every random draw
+are a function of the step (see `latentddpm.batching`), which makes `--resume_from_checkpoint latest` continue at
+exactly the next batch.
 At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from latentddpm.batching import ShuffledStream, step_generator
+from latentddpm.batching import ShuffledStream, seed_global_rng, step_generator
 from latentddpm.cache import (
     build_latent_cache,
     cache_key,
@@ -57,9 +57,10 @@ from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
 from latentddpm.nonfinite import NonFiniteGuard
 from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.runs import start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
-from latentddpm.text import default_text_encoder_path, load_text_encoder
-from latentddpm.validation import run_validation
+from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
+from latentddpm.validation import run_evaluation, run_validation
 
 logger = get_logger(__name__)
 LR_SCHEDULERS = [s.value for s in SchedulerType]
@@ -72,6 +73,8 @@ class TrainLDMConfig(DataConfig):
     vae_subfolder: str | None = None  # e.g. "vae" for a pipeline repo
     text_encoder: str | None = None  # transformers encoder folder or repo id; None = all-MiniLM-L6-v2 from pip
     tokenizer_max_length: int | None = None  # override tokenizer.model_max_length (saved with the pipeline)
+    train_text_encoder: bool = False  # fine-tune the text encoder with the U-Net (saved with the pipeline)
+    text_encoder_learning_rate: float | None = None  # its peak LR (None = learning_rate); low for a pretrained one
     unet_config: str = "configs/unet/small.json"  # ConditionalUNet config for a fresh model
     pretrained_pipeline: str | None = None  # fine-tune the U-Net of this saved pipeline instead
     # --- noise scheduler (DDPMNoiseScheduler config; same names as diffusers' DDPMScheduler) ---
@@ -132,6 +135,8 @@ class TrainLDMConfig(DataConfig):
     validation_guidance_scale: float = 3.0  # CFG scale for validation images
     num_validation_samples: int = 0  # rows held out of training for the validation loss
     validation_shapes_score: bool = False  # score all 90 shapes prompts with the pixel judge at validation
+    evaluation_config: str | None = None  # YAML of `latentddpm evaluate` keys: run it at evaluation_steps and the end
+    evaluation_steps: int = 0  # run the evaluation every N steps (0 = only at the end)
     push_to_hub: bool = False  # upload the final pipeline with a model card
     hub_model_id: str | None = None  # repo id for push_to_hub
 
@@ -147,6 +152,7 @@ class TrainLDMConfig(DataConfig):
                 "gradient_accumulation_steps",
                 "max_train_steps",
                 "learning_rate",
+                "text_encoder_learning_rate",
                 "adam_epsilon",
                 "max_grad_norm",
                 "max_consecutive_nonfinite",
@@ -165,6 +171,7 @@ class TrainLDMConfig(DataConfig):
                 "adam_weight_decay",
                 "checkpointing_steps",
                 "validation_steps",
+                "evaluation_steps",
                 "num_validation_samples",
             ),
             unit_interval=("caption_dropout", "adam_beta1", "adam_beta2"),
@@ -173,6 +180,8 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError(f"Config key 'lr_scheduler' must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"Config key 'ema_decay' must be in (0, 1), got {self.ema_decay}.")
+        if self.evaluation_config is not None and not Path(self.evaluation_config).is_file():
+            raise ConfigError(f"Config key 'evaluation_config': no such file {self.evaluation_config!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
 
@@ -205,30 +214,16 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint_dir = output_dir / "checkpoints"
     # Before any model or data is loaded, so that a wrong path fails in seconds.
     checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # We step the LR scheduler once per optimizer step ourselves, whatever the number of processes.
-        step_scheduler_with_optimizer=False,
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    accelerator = start_run(config)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "train_config.yaml")
 
-    # 1. Frozen VAE and text encoder, our noise scheduler, our U-Net.
+    # 1. Frozen VAE, text encoder (frozen unless train_text_encoder), our noise scheduler, our U-Net.
     vae = load_vae(config).eval().requires_grad_(False)
     tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
     if config.tokenizer_max_length is not None:
         tokenizer.model_max_length = config.tokenizer_max_length
-    text_encoder.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(config.train_text_encoder)
     noise_scheduler = DDPMNoiseScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -295,9 +290,13 @@ def main(argv: list[str] | None = None) -> Path:
     stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
 
     # 3. Optimizer, LR schedule, EMA.
-    learning_rate = config.learning_rate
+    lr_scale = 1.0
     if config.scale_lr:
-        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        lr_scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    param_groups = [{"params": list(unet.parameters()), "lr": config.learning_rate * lr_scale}]
+    if config.train_text_encoder:
+        text_encoder_lr = config.text_encoder_learning_rate or config.learning_rate
+        param_groups.append({"params": list(text_encoder.parameters()), "lr": text_encoder_lr * lr_scale})
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -307,8 +306,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         optimizer_cls = torch.optim.AdamW
     optimizer = optimizer_cls(
-        unet.parameters(),
-        lr=learning_rate,
+        param_groups,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
@@ -319,7 +317,13 @@ def main(argv: list[str] | None = None) -> Path:
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=config.max_train_steps,
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        trained_models = (unet, text_encoder)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        trained_models = (unet,)
+    trained_params = [p for group in param_groups for p in group["params"]]
     if config.torch_compile:
         unet = torch.compile(unet)
     ema = None
@@ -335,10 +339,11 @@ def main(argv: list[str] | None = None) -> Path:
         ema.to(accelerator.device)
 
     # 4. Resume: model/optimizer/LR/RNG from accelerate, EMA from its safetensors, the step from our state.
-    global_step, skipped_steps = 0, 0
+    global_step, skipped_steps, train_seconds = 0, 0, 0.0
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint)
         global_step, skipped_steps = state["global_step"], state["skipped_steps"]
+        train_seconds = state.get("train_seconds", 0.0)
         if ema is not None:
             ema.load_state_dict(
                 EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator,
             checkpoint_dir,
             global_step,
-            {"global_step": global_step, "skipped_steps": guard.skipped},
+            {"global_step": global_step, "skipped_steps": guard.skipped, "train_seconds": train_seconds},
             write_extra=write_extra,
             total_limit=config.checkpoints_total_limit,
         )
@@ -371,12 +376,45 @@ def main(argv: list[str] | None = None) -> Path:
     def make_pipeline() -> LatentDDPMPipeline:
         return LatentDDPMPipeline(
             vae=vae,
-            text_encoder=text_encoder,
+            text_encoder=accelerator.unwrap_model(text_encoder),
             tokenizer=tokenizer,
             unet=accelerator.unwrap_model(unet),
             # A copy: sampling sets timesteps on its scheduler, training's stays untouched.
             scheduler=DDPMNoiseScheduler.from_config(noise_scheduler.config),
         )
+
+    def text_conditioning(caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(hidden (B, S, D), mask (B, S))` of caption rows: cached, or encoded by the text encoder being trained."""
+        if not config.train_text_encoder:
+            return cache.text(caption_ids)
+        prompts = [cache.prompt(i) for i in caption_ids.tolist()]
+        return encode_prompt(prompts, tokenizer, text_encoder, device=accelerator.device)
+
+    def validate(ema_model: EMAModel | None, evaluation: bool) -> dict:
+        """Validation (and evaluation) metrics at `global_step`; the models are set back to train mode after."""
+        for model in trained_models:
+            model.eval()
+        accelerator.log({"train_minutes": train_seconds / 60}, step=global_step)
+        metrics = run_validation(
+            config,
+            accelerator,
+            unet,
+            ema_model,
+            make_pipeline,
+            noise_scheduler,
+            cache,
+            validation_rows,
+            vae,
+            global_step,
+            text=text_conditioning,
+        )
+        if evaluation:
+            metrics |= run_evaluation(
+                config.evaluation_config, accelerator, unet, ema_model, make_pipeline, config.output_dir, global_step
+            )
+        for model in trained_models:
+            model.train()
+        return metrics
 
     if accelerator.is_main_process:
         accelerator.init_trackers("latentddpm", config=tracker_config(config))
@@ -389,26 +427,30 @@ def main(argv: list[str] | None = None) -> Path:
     )
     # Preemption (SIGTERM/SIGINT): finish the current step, checkpoint, exit 0.
     with stop_on_signals() as stop_signal:
-        unet.train()
+        for model in trained_models:
+            model.train()
         while global_step < config.max_train_steps:
+            step_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 micro_step = global_step * accum + micro
                 generator = step_generator(config.seed, micro_step, accelerator.process_index)
+                seed_global_rng(config.seed, micro_step, accelerator.process_index)
                 rows = stream.indices(micro_step, accelerator.process_index)
-                latents, hidden, mask = cache.batch(rows, vae, generator, caption_dropout=config.caption_dropout)
+                latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=config.caption_dropout)
                 noise = sample_noise(latents, generator, config.noise_offset)
                 perturbation = torch.randn(latents.shape, generator=generator) if config.input_perturbation else None
                 timesteps = sample_timesteps(latents.shape[0], config.num_train_timesteps, generator)
-                latents, hidden, mask, noise, timesteps = (
-                    t.to(device) for t in (latents, hidden, mask, noise, timesteps)
-                )
+                latents, noise, timesteps = (t.to(device) for t in (latents, noise, timesteps))
                 if perturbation is not None:
                     perturbation = perturbation.to(device)
 
-                # Gradients are all-reduced only on the last micro-batch.
-                sync = accelerator.no_sync(unet) if micro < accum - 1 else contextlib.nullcontext()
-                with sync, accelerator.autocast():
+                with contextlib.ExitStack() as context:
+                    if micro < accum - 1:  # gradients are all-reduced only on the last micro-batch
+                        for model in trained_models:
+                            context.enter_context(accelerator.no_sync(model))
+                    context.enter_context(accelerator.autocast())
+                    hidden, mask = (t.to(device) for t in text_conditioning(caption_ids))
                     mse, vlb = diffusion_loss(
                         unet,
                         noise_scheduler,
@@ -428,7 +470,7 @@ def main(argv: list[str] | None = None) -> Path:
 
             # Non-finite gradients (same on every process after the all-reduce): skip the update, count it.
             grad_norm = accelerator.clip_grad_norm_(
-                unet.parameters(), config.max_grad_norm if config.max_grad_norm is not None else math.inf
+                trained_params, config.max_grad_norm if config.max_grad_norm is not None else math.inf
             )
             stepped = guard.should_step(grad_norm, global_step)
             if stepped:
@@ -439,10 +481,16 @@ def main(argv: list[str] | None = None) -> Path:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             global_step += 1
             progress.update(1)
+            train_seconds += time.perf_counter() - step_start
 
             if global_step % config.log_every == 0 or global_step == config.max_train_steps:
                 loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+                logs = {
+                    "loss": loss_value,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "train_minutes": train_seconds / 60,
+                }
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
 
@@ -456,33 +504,19 @@ def main(argv: list[str] | None = None) -> Path:
                 sys.exit(0)
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 checkpoint_now()
-            if (
-                config.validation_steps
-                and global_step % config.validation_steps == 0
-                and global_step < config.max_train_steps
-            ):
-                run_validation(
-                    config,
-                    accelerator,
-                    unet,
-                    ema,
-                    make_pipeline,
-                    noise_scheduler,
-                    cache,
-                    validation_rows,
-                    vae,
-                    global_step,
+            if global_step < config.max_train_steps:
+                evaluation = bool(
+                    config.evaluation_config and config.evaluation_steps and global_step % config.evaluation_steps == 0
                 )
-                unet.train()
+                if evaluation or (config.validation_steps and global_step % config.validation_steps == 0):
+                    validate(ema, evaluation)
     progress.close()
 
     # 6. Save the pipeline with EMA weights, its config and manifest, and a sample grid.
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(unet).parameters())
-    metrics = run_validation(
-        config, accelerator, unet, None, make_pipeline, noise_scheduler, cache, validation_rows, vae, global_step
-    )
+    metrics = validate(None, evaluation=config.evaluation_config is not None)
     if accelerator.is_main_process:
         pipeline = make_pipeline()
         pipeline.save_pretrained(str(output_dir))

@@ -13,7 +13,6 @@ diffusion model sees have mean 0 and std 1 whatever the autoencoder learned.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -22,9 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
@@ -44,6 +41,7 @@ from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.nonfinite import NonFiniteGuard
+from latentddpm.runs import start_run
 
 logger = get_logger(__name__)
 LR_SCHEDULERS = [s.value for s in SchedulerType]
@@ -164,19 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint_dir = output_dir / "checkpoints"
     # Before any data is loaded, so that a wrong path fails in seconds.
     checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        step_scheduler_with_optimizer=False,
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "train_config.yaml")
+    accelerator = start_run(config)
 
     # 1. Data: decode, check and convert every image once; hold out the last rows for PSNR.
     dataset = config.load_dataset(config.seed)

@@ -96,8 +96,7 @@ class EvaluateConfig:
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/latentddpm/reference_statistics)
     reconstruction_samples: int = 256  # reference images for VAE PSNR/SSIM and latent statistics; 0 skips
     likelihood_samples: int = 0  # images for the bits/dim bound; 0 skips (each costs T / stride U-Net calls)
-    likelihood_stride: int = 1  # 1 sums all T terms; k > 1 takes every k-th KL term, a cheaper but biased
-    # estimate (the terms grow like 1/t near t = 0, where a stride samples too few of them)
+    likelihood_stride: int = 1  # 1 sums all T terms; k > 1 draws one t per block of k (unbiased, k times cheaper)
     grid_images: int = 64  # images shown in each setting's sample grid
     logs: str | None = None  # TensorBoard folder of the training run, to add training curves to the report
     device: str | None = None  # default: cuda when available, else cpu

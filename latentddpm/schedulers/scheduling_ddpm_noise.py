@@ -97,9 +97,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """
     Elementwise KL( N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)) ) in nats; arguments broadcast.
     """
@@ -716,8 +714,11 @@ class DDPMNoiseScheduler(SchedulerMixin, ConfigMixin):
             sample (`torch.Tensor` of shape `(B, C, H, W)`): The clean samples x_0 (see `vlb_terms` for latents).
             generator (`torch.Generator`, *optional*): Generator for the noise.
             stride (`int`, defaults to 1):
-                With `stride > 1` the KL terms are evaluated at t = T-1, T-1-stride, ... > 0 only and their sum is
-                scaled by (T - 1) / count: a cheaper estimate. L_0 and L_T are always exact.
+                With `stride > 1` the KL terms of t = T-1 ... stride + 1 are split into blocks of `stride`
+                consecutive timesteps, one t is drawn uniformly in each block (with `generator` when it is a CPU
+                generator) and its term counts for the whole block: stratified sampling, an unbiased estimate at
+                about 1 / stride of the model calls. The terms of t = stride ... 1, which grow like 1 / t and would
+                dominate the variance, are each evaluated, as are L_0 and L_T.
 
         Returns:
             `torch.Tensor` of shape `(B,)`.
@@ -726,13 +727,23 @@ class DDPMNoiseScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"stride must be a positive integer, got {stride}.")
         num_train_timesteps = self.config.num_train_timesteps
         batch_size = sample.shape[0]
-        kl_timesteps = list(range(num_train_timesteps - 1, 0, -stride))
+        kl_timesteps = torch.arange(num_train_timesteps - 1, 0, -1)  # from t = T-1 down to 1
+        exact = min(stride, len(kl_timesteps))
+        blocks = [*kl_timesteps[:-exact].split(stride), *kl_timesteps[-exact:].split(1)]
+        on_cpu = isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+        picks = [
+            int(block[torch.randint(len(block), (), generator=generator if on_cpu else None)])
+            if len(block) > 1
+            else int(block[0])
+            for block in blocks
+        ]
+        weights = [len(block) for block in blocks]
 
         terms = []
-        for t in [*kl_timesteps, 0]:
+        for t in [*picks, 0]:
             timesteps = torch.full((batch_size,), t, dtype=torch.int64, device=sample.device)
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             noisy_sample = self.add_noise(sample, noise, timesteps)
             terms.append(self.vlb_terms(model_fn(noisy_sample, timesteps), sample, noisy_sample, timesteps))
-        kl_sum = torch.stack(terms[:-1], dim=1).sum(dim=1) * ((num_train_timesteps - 1) / len(kl_timesteps))
+        kl_sum = sum(weight * term for weight, term in zip(weights, terms[:-1]))
         return kl_sum + terms[-1] + self.prior_bpd(sample)
