@@ -8,7 +8,8 @@ Usage:
 A section is a prose template, `benchmarks/sections/<name>.md` (what is measured, how, and what we learned), whose
 `<!-- results -->` line is replaced by the section's latest results, `benchmarks/results/<name>.md`: the output of
 its commands with the commands themselves, the date and the machine they ran on. Long runs (the demo, the
-time-to-quality trainings) write their models and logs under `--work`.
+time-to-quality trainings, the scheduler sweep) write their models and logs under `--work`; `--reuse` renders
+their sections from finished runs there instead of running them again.
 
 Run it on an idle machine: on a shared CPU, torch's spinning OpenMP threads make timings swing by up to 10x.
 """
@@ -20,8 +21,10 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,9 +38,16 @@ MARKER = "<!-- results -->"
 
 
 @dataclass
+class Results:
+    commands: list[str]  # as a user types them
+    markdown: str
+    finished: Path | None = None  # a file the run wrote last: its time is when the results were measured
+
+
+@dataclass
 class Section:
     title: str
-    run: Callable[[argparse.Namespace], tuple[list[str], str]]  # -> (commands run, markdown results)
+    run: Callable[[argparse.Namespace], Results]
 
 
 def _run(command: list[str], log: Path | None = None) -> str:
@@ -61,23 +71,24 @@ def _shown(command: list[str]) -> str:
     return shlex.join(["python" if part == sys.executable else part for part in command])
 
 
-def command_outputs(*commands: list[str], code_block: bool) -> Callable[[argparse.Namespace], tuple[list[str], str]]:
+def command_outputs(*commands: list[str], code_block: bool) -> Callable[[argparse.Namespace], Results]:
     """A section that runs `commands` and shows their stdout, fenced as code when it is a plain-text table."""
 
-    def run(args: argparse.Namespace) -> tuple[list[str], str]:
+    def run(args: argparse.Namespace) -> Results:
         outputs = [_run(command).strip() for command in commands]
         if code_block:
             outputs = [f"```\n{output}\n```" for output in outputs]
-        return [_shown(c) for c in commands], "\n\n".join(outputs)
+        return Results([_shown(c) for c in commands], "\n\n".join(outputs))
 
     return run
 
 
-def demo(args: argparse.Namespace) -> tuple[list[str], str]:
+def demo(args: argparse.Namespace) -> Results:
     """The README's demo, timed stage by stage; its saved pipeline scored on all 90 prompts."""
-    out = Path(args.demo_dir) if args.demo_dir else Path(args.work) / "demo"
+    out = Path(args.work) / "demo"
     command = ["latentddpm", "demo", "--output_dir", str(out)]
-    if not args.demo_dir:
+    if not (args.reuse and (out / "scores.json").exists()):
+        shutil.rmtree(out, ignore_errors=True)  # as on a fresh machine: no latent cache from an earlier run
         _run(command, log=Path(args.work) / "demo.log")
     scores = json.loads((out / "scores.json").read_text())
     vae = json.loads((out / "vae" / "manifest.json").read_text())["final_metrics"]
@@ -93,15 +104,15 @@ def demo(args: argparse.Namespace) -> tuple[list[str], str]:
         f"**{scores['position_acc']:.3f}** (all three right: {scores['all_acc']:.3f}) |",
         f"| total | **{total:.1f}** | |",
     ]
-    heldout = {k: v for k, v in scores.items() if k.startswith("heldout_")}
-    if heldout:
-        lines += ["", "The 6 held-out combinations alone: " + ", ".join(f"{k} {v:.3f}" for k, v in heldout.items())]
-    return [shlex.join(command)], "\n".join(lines)
+    if "heldout_n" in scores:
+        accuracies = ", ".join(f"{k} {scores[f'heldout_{k}_acc']:.3f}" for k in ("color", "shape", "position", "all"))
+        lines += ["", f"The {scores['heldout_n']} combinations held out of training, alone: {accuracies}."]
+    return Results([shlex.join(command)], "\n".join(lines), out / "scores.json")
 
 
-def schedulers(args: argparse.Namespace) -> tuple[list[str], str]:
+def schedulers(args: argparse.Namespace) -> Results:
     """Quality against sampling steps for each scheduler, on the demo's pipeline."""
-    demo_dir = Path(args.demo_dir) if args.demo_dir else Path(args.work) / "demo"
+    demo_dir = Path(args.work) / "demo"
     out = Path(args.work) / "schedulers"
     command = [
         "latentddpm",
@@ -125,7 +136,8 @@ def schedulers(args: argparse.Namespace) -> tuple[list[str], str]:
         "--out",
         str(out),
     ]
-    _run(command, log=Path(args.work) / "schedulers.log")
+    if not (args.reuse and (out / "metrics.json").exists()):
+        _run(command, log=Path(args.work) / "schedulers.log")
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     lines = [
         "| scheduler | steps | all three right | color | shape | position | seconds / image |",
@@ -136,16 +148,20 @@ def schedulers(args: argparse.Namespace) -> tuple[list[str], str]:
             f"| {row['scheduler']} | {row['steps']} | {row['all_acc']:.3f} | {row['color_acc']:.3f} | "
             f"{row['shape_acc']:.3f} | {row['position_acc']:.3f} | {row['seconds_per_image']:.3f} |"
         )
-    return [shlex.join(command)], "\n".join(lines)
+    return Results([shlex.join(command)], "\n".join(lines), out / "metrics.json")
 
 
-def time_to_quality(task: str) -> Callable[[argparse.Namespace], tuple[list[str], str]]:
-    def run(args: argparse.Namespace) -> tuple[list[str], str]:
-        command = _module("benchmarks.time_to_quality", "--task", task, "--out", str(Path(args.work) / f"ttq-{task}"))
-        if task == "shapes" and args.demo_dir:  # stage 1 is the demo's, bit for bit: reuse it
-            command += ["--vae", str(Path(args.demo_dir) / "vae")]
-        text = _run(command, log=Path(args.work) / f"ttq-{task}.log")
-        return [_shown(command)], text.strip()
+def time_to_quality(task: str) -> Callable[[argparse.Namespace], Results]:
+    def run(args: argparse.Namespace) -> Results:
+        out = Path(args.work) / f"ttq-{task}"
+        command = _module("benchmarks.time_to_quality", "--task", task, "--out", str(out))
+        if task == "shapes" and (Path(args.work) / "demo" / "vae").exists():  # the demo's stage 1, bit for bit
+            command += ["--vae", str(Path(args.work) / "demo" / "vae")]
+        if args.reuse and (out / "curves.json").exists():
+            text = _run([*command, "--report-only"])
+        else:
+            text = _run(command, log=Path(args.work) / f"ttq-{task}.log")
+        return Results([_shown(command)], text.strip(), out / "curves.json")
 
     return run
 
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
     parser.add_argument("--render-only", action="store_true", help="rebuild BENCHMARKS.md from the kept results")
     parser.add_argument("--work", default="outputs/benchmarks", help="where long runs write models and logs")
-    parser.add_argument("--demo-dir", default=None, help="use this finished `latentddpm demo` run, not a new one")
+    parser.add_argument("--reuse", action="store_true", help="render long sections from finished runs in --work")
     parser.add_argument("--output", type=Path, default=ROOT.parent / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     names = [] if args.render_only else args.sections.split(",")
@@ -234,10 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     (ROOT / "results").mkdir(exist_ok=True)
     for name in names:
-        commands, results = SECTIONS[name].run(args)
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        header = f"Measured {date} on {machine()}, with:\n\n" + "\n".join(f"    {c}" for c in commands)
-        (ROOT / "results" / f"{name}.md").write_text(f"{header}\n\n{results}\n")
+        results = SECTIONS[name].run(args)
+        when = results.finished.stat().st_mtime if results.finished else time.time()
+        date = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d")
+        header = f"Measured {date} on {machine()}, with:\n\n" + "\n".join(f"    {c}" for c in results.commands)
+        (ROOT / "results" / f"{name}.md").write_text(f"{header}\n\n{results.markdown}\n")
         args.output.write_text(render())  # after every section, so a long run shows progress
         print(f"{name}: done", file=sys.stderr, flush=True)
     args.output.write_text(render())

@@ -48,21 +48,25 @@ def default_text_encoder_path() -> str:
 
 
 def load_text_encoder(
-    name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None
+    name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None, from_pipeline: bool = False
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Load a tokenizer and its text encoder (CLIP -> `CLIPTextModel`, T5 -> `T5EncoderModel`, else `AutoModel`).
 
     Args:
         name_or_path (`str` or `os.PathLike`): a local folder or a Hub id.
         torch_dtype (`torch.dtype`, *optional*): dtype of the encoder weights; the checkpoint's when `None`.
+        from_pipeline (`bool`, defaults to `False`): `name_or_path` is a saved pipeline; load its `text_encoder` and
+            `tokenizer` subfolders.
 
     Returns:
         `(tokenizer, text_encoder)`; the encoder is in eval mode.
     """
-    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    encoder_folder = {"subfolder": "text_encoder"} if from_pipeline else {}
+    tokenizer_folder = {"subfolder": "tokenizer"} if from_pipeline else {}
+    model_type = AutoConfig.from_pretrained(name_or_path, **encoder_folder).model_type
     model_class = _TEXT_ENCODER_CLASSES.get(model_type, AutoModel)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    text_encoder = model_class.from_pretrained(name_or_path, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tokenizer_folder)
+    text_encoder = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **encoder_folder)
     return tokenizer, text_encoder.eval()
 
 

@@ -23,11 +23,13 @@ import pytest
 import torch
 import torch.distributed
 from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_training import ldm_args
 
 from latentddpm import LatentDDPMPipeline
 from latentddpm.batching import ShuffledStream
+from latentddpm.text import default_text_encoder_path
 
 NUM_PROCESSES = 2
 BATCH_PER_PROCESS = 8
@@ -59,6 +61,27 @@ def _weights_digest(parameters: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def launch(module: str, args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> None:
+    """`accelerate launch` `module` on NUM_PROCESSES CPU processes (gloo); fails the test unless it exits 0."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", module, *args,
+    ]  # fmt: skip
+    env = os.environ | {
+        "ACCELERATE_USE_CPU": "true",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # one core per process; more only oversubscribes the CPU
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+
+
 def expected_learning_rates(name: str, num_steps: int, num_warmup_steps: int) -> list[float]:
     """The LR after each of `num_steps` optimizer steps, from diffusers' `get_scheduler` in a single process."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LEARNING_RATE)
@@ -87,23 +110,7 @@ def test_two_process_cpu_run_splits_batches_syncs_weights_and_keeps_the_lr_sched
         "--report_to", "tensorboard",
         "--log_every", "1",
     )  # fmt: skip
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "test_multiprocess", *args,
-    ]  # fmt: skip
-    env = os.environ | {
-        "ACCELERATE_USE_CPU": "true",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # one core per process; more only oversubscribes the CPU
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-        OBSERVATIONS: str(observations),
-    }
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
+    launch("test_multiprocess", args, {OBSERVATIONS: str(observations)})
 
     ranks = [json.loads((observations / f"rank-{r}.json").read_text()) for r in range(NUM_PROCESSES)]
     assert [(r["num_processes"], r["backend"], r["process_index"]) for r in ranks] == [(2, "gloo", 0), (2, "gloo", 1)]
@@ -135,6 +142,29 @@ def test_two_process_cpu_run_splits_batches_syncs_weights_and_keeps_the_lr_sched
     pipe = LatentDDPMPipeline.from_pretrained(str(tmp_path / "run"))
     image = pipe("a blue square in the top left", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_two_process_run_training_the_text_encoder_accumulates_validates_and_saves_it(tiny_vae, tmp_path):
+    # BERT's pooler gets no gradient (DDP would fail at step 2 if it were trained), and validation on the main process
+    # alone must not run the DDP-wrapped encoder (its buffer broadcast would wait for the other process forever).
+    args = ldm_args(
+        tiny_vae,
+        tmp_path,
+        "--train_text_encoder", "true",
+        "--text_encoder_learning_rate", "1e-4",
+        "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "4",
+        "--validation_steps", "2",
+    )  # fmt: skip
+    launch("latentddpm.training.train_ldm", args, timeout=300)
+
+    pretrained = load_file(str(Path(default_text_encoder_path()) / "model.safetensors"))
+    trained = load_file(str(tmp_path / "run" / "text_encoder" / "model.safetensors"))
+    changed = {k for k in trained if not torch.equal(trained[k], pretrained[k])}
+    assert changed and not any(k.startswith("pooler.") for k in changed)
+    assert (tmp_path / "run" / "validation" / "step-2.png").is_file()
+    pipe = LatentDDPMPipeline.from_pretrained(str(tmp_path / "run"))
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
 
 def run_observed_training() -> None:

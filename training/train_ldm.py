@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -71,9 +72,11 @@ class TrainLDMConfig(DataConfig):
     # --- models ---
     vae: str = "outputs/shapes_vae"  # AutoencoderKL/AutoencoderTiny folder or Hub repo id
     vae_subfolder: str | None = None  # e.g. "vae" for a pipeline repo
-    text_encoder: str | None = None  # transformers encoder folder or repo id; None = all-MiniLM-L6-v2 from pip
+    # transformers encoder folder or repo id; None = the pretrained_pipeline's, else all-MiniLM-L6-v2 from pip
+    text_encoder: str | None = None
     tokenizer_max_length: int | None = None  # override tokenizer.model_max_length (saved with the pipeline)
-    train_text_encoder: bool = False  # fine-tune the text encoder with the U-Net (saved with the pipeline)
+    # Fine-tune the text encoder with the U-Net (saved with the pipeline as trained: EMA covers the U-Net only).
+    train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = None  # its peak LR (None = learning_rate); low for a pretrained one
     unet_config: str = "configs/unet/small.json"  # ConditionalUNet config for a fresh model
     pretrained_pipeline: str | None = None  # fine-tune the U-Net of this saved pipeline instead
@@ -136,7 +139,7 @@ class TrainLDMConfig(DataConfig):
     num_validation_samples: int = 0  # rows held out of training for the validation loss
     validation_shapes_score: bool = False  # score all 90 shapes prompts with the pixel judge at validation
     evaluation_config: str | None = None  # YAML of `latentddpm evaluate` keys: run it at evaluation_steps and the end
-    evaluation_steps: int = 0  # run the evaluation every N steps (0 = only at the end)
+    evaluation_steps: int = 0  # run the evaluation (and the validation with it) every N steps (0 = only at the end)
     push_to_hub: bool = False  # upload the final pipeline with a model card
     hub_model_id: str | None = None  # repo id for push_to_hub
 
@@ -182,6 +185,8 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError(f"Config key 'ema_decay' must be in (0, 1), got {self.ema_decay}.")
         if self.evaluation_config is not None and not Path(self.evaluation_config).is_file():
             raise ConfigError(f"Config key 'evaluation_config': no such file {self.evaluation_config!r}.")
+        if self.evaluation_steps and self.evaluation_config is None:
+            raise ConfigError("Config key 'evaluation_steps' needs 'evaluation_config' (what to evaluate).")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
 
@@ -220,10 +225,16 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 1. Frozen VAE, text encoder (frozen unless train_text_encoder), our noise scheduler, our U-Net.
     vae = load_vae(config).eval().requires_grad_(False)
-    tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
+    if config.text_encoder is None and config.pretrained_pipeline:
+        tokenizer, text_encoder = load_text_encoder(config.pretrained_pipeline, from_pipeline=True)
+    else:
+        tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
     if config.tokenizer_max_length is not None:
         tokenizer.model_max_length = config.tokenizer_max_length
     text_encoder.eval().requires_grad_(config.train_text_encoder)
+    if getattr(text_encoder, "pooler", None) is not None:
+        # BERT's pooler is not on the path to `last_hidden_state`: trained, it would get no gradient (and DDP fail).
+        text_encoder.pooler.requires_grad_(False)
     noise_scheduler = DDPMNoiseScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -296,7 +307,8 @@ def main(argv: list[str] | None = None) -> Path:
     param_groups = [{"params": list(unet.parameters()), "lr": config.learning_rate * lr_scale}]
     if config.train_text_encoder:
         text_encoder_lr = config.text_encoder_learning_rate or config.learning_rate
-        param_groups.append({"params": list(text_encoder.parameters()), "lr": text_encoder_lr * lr_scale})
+        trainable = [p for p in text_encoder.parameters() if p.requires_grad]
+        param_groups.append({"params": trainable, "lr": text_encoder_lr * lr_scale})
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -383,12 +395,13 @@ def main(argv: list[str] | None = None) -> Path:
             scheduler=DDPMNoiseScheduler.from_config(noise_scheduler.config),
         )
 
-    def text_conditioning(caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(hidden (B, S, D), mask (B, S))` of caption rows: cached, or encoded by the text encoder being trained."""
+    def text_conditioning(caption_ids: torch.Tensor, encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(hidden (B, S, D), mask (B, S))` of caption rows: cached, or encoded by the text encoder being trained
+        (`encoder`: the wrapped model by default; the unwrapped one outside the training step, on one process)."""
         if not config.train_text_encoder:
             return cache.text(caption_ids)
         prompts = [cache.prompt(i) for i in caption_ids.tolist()]
-        return encode_prompt(prompts, tokenizer, text_encoder, device=accelerator.device)
+        return encode_prompt(prompts, tokenizer, encoder or text_encoder, device=accelerator.device)
 
     def validate(ema_model: EMAModel | None, evaluation: bool) -> dict:
         """Validation (and evaluation) metrics at `global_step`; the models are set back to train mode after."""
@@ -406,7 +419,8 @@ def main(argv: list[str] | None = None) -> Path:
             validation_rows,
             vae,
             global_step,
-            text=text_conditioning,
+            # Unwrapped: a DDP forward would wait for the other processes, which do not validate.
+            text=partial(text_conditioning, encoder=accelerator.unwrap_model(text_encoder)),
         )
         if evaluation:
             metrics |= run_evaluation(
@@ -488,6 +502,7 @@ def main(argv: list[str] | None = None) -> Path:
                 logs = {
                     "loss": loss_value,
                     "lr": lr_scheduler.get_last_lr()[0],
+                    **({"lr_text_encoder": lr_scheduler.get_last_lr()[1]} if config.train_text_encoder else {}),
                     "grad_norm": grad_norm.item(),
                     "train_minutes": train_seconds / 60,
                 }

@@ -40,8 +40,9 @@ def latent_bits_per_dim(
         latents (`torch.Tensor` of shape `(B, C, h, w)`): scaled latents z_0, as `encode_images` returns them.
         encoder_hidden_states (`torch.Tensor` of shape `(B, S, D)`): the caption embeddings.
         encoder_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 on real tokens, 0 on padding.
-        stride (`int`, defaults to 1): 1 sums all T terms; `k > 1` draws one KL term per block of k timesteps, an
-            unbiased estimate k times cheaper (see `DDPMNoiseScheduler.calculate_bpd`).
+        stride (`int`, defaults to 1): 1 sums all T terms; `k > 1` draws one KL term per block of k timesteps above
+            t = k and evaluates t <= k each: an unbiased estimate at about T / k + k model calls (see
+            `DDPMNoiseScheduler.calculate_bpd`).
         generator (`torch.Generator`, *optional*): draws the noise of each term.
 
     Returns:

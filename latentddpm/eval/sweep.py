@@ -95,8 +95,9 @@ class EvaluateConfig:
     shapes_num_images: int = 2000  # shapes data: images generated as the reference set (seed 10000 + seed)
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/latentddpm/reference_statistics)
     reconstruction_samples: int = 256  # reference images for VAE PSNR/SSIM and latent statistics; 0 skips
-    likelihood_samples: int = 0  # images for the bits/dim bound; 0 skips (each costs T / stride U-Net calls)
-    likelihood_stride: int = 1  # 1 sums all T terms; k > 1 draws one t per block of k (unbiased, k times cheaper)
+    likelihood_samples: int = 0  # images for the bits/dim bound; 0 skips (each costs T U-Net calls at stride 1)
+    # 1 sums all T terms; k > 1 draws one t per block of k above t = k (unbiased; ~T/k + k calls)
+    likelihood_stride: int = 1
     grid_images: int = 64  # images shown in each setting's sample grid
     logs: str | None = None  # TensorBoard folder of the training run, to add training curves to the report
     device: str | None = None  # default: cuda when available, else cpu

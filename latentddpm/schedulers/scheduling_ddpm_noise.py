@@ -706,7 +706,8 @@ class DDPMNoiseScheduler(SchedulerMixin, ConfigMixin):
     ) -> torch.Tensor:
         """
         The negative variational bound -ELBO >= -log p(x_0) in bits/dim, L_T + sum_{t>1} L_{t-1} + L_0 (formula (5)
-        of Ho et al. 2020; improved-diffusion `calc_bpd_loop`), one noise draw per timestep from T-1 down to 0.
+        of Ho et al. 2020; improved-diffusion `calc_bpd_loop`), one noise draw per evaluated timestep, from T-1 down
+        to 0.
 
         Args:
             model_fn (`Callable`): `model_fn(x_t, timesteps) -> model_output`, with `timesteps` of shape `(B,)`; bind
@@ -716,9 +717,10 @@ class DDPMNoiseScheduler(SchedulerMixin, ConfigMixin):
             stride (`int`, defaults to 1):
                 With `stride > 1` the KL terms of t = T-1 ... stride + 1 are split into blocks of `stride`
                 consecutive timesteps, one t is drawn uniformly in each block (with `generator` when it is a CPU
-                generator) and its term counts for the whole block: stratified sampling, an unbiased estimate at
-                about 1 / stride of the model calls. The terms of t = stride ... 1, which grow like 1 / t and would
-                dominate the variance, are each evaluated, as are L_0 and L_T.
+                generator; the first one of a list) and its term counts for the whole block: stratified sampling,
+                an unbiased estimate. The terms of t = stride ... 1, which grow like 1 / t and would dominate the
+                variance, are each evaluated, as are L_0 and L_T: about (T - 1 - stride) / stride + stride + 1
+                model calls instead of T (T = 1000: 110 for stride 10, 140 for stride 30).
 
         Returns:
             `torch.Tensor` of shape `(B,)`.
@@ -730,9 +732,10 @@ class DDPMNoiseScheduler(SchedulerMixin, ConfigMixin):
         kl_timesteps = torch.arange(num_train_timesteps - 1, 0, -1)  # from t = T-1 down to 1
         exact = min(stride, len(kl_timesteps))
         blocks = [*kl_timesteps[:-exact].split(stride), *kl_timesteps[-exact:].split(1)]
-        on_cpu = isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+        pick_generator = generator[0] if isinstance(generator, list) else generator
+        device = pick_generator.device if pick_generator is not None else "cpu"
         picks = [
-            int(block[torch.randint(len(block), (), generator=generator if on_cpu else None)])
+            int(block[torch.randint(len(block), (), generator=pick_generator, device=device).item()])
             if len(block) > 1
             else int(block[0])
             for block in blocks
