@@ -12,10 +12,12 @@ import pytest
 import torch
 from datasets import ClassLabel
 from diffusers import AutoencoderKL
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from latentddpm.config import ConfigError
 from latentddpm.data import COLORS, make_shapes_dataset
+from latentddpm.eval.clip_score import CLIPScorer
 from latentddpm.eval.features import CLASSIFIER_DESCRIPTION, train_reference_classifier
 from latentddpm.eval.sweep import EvaluateConfig, evaluate, main
 from latentddpm.models import ConditionalUNet
@@ -181,3 +183,71 @@ def test_bad_evaluate_arguments_raise_naming_the_key(args, message):
 def test_evaluate_needs_a_model():
     with pytest.raises(ConfigError, match="'model' is required"):
         main(["--data", "shapes"])
+
+
+# --- CLIP score ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random tiny CLIPModel saved with a tokenizer (all-MiniLM's, [SEP] as end of text) and a 32px image processor:
+    nothing CLIP-sized is on disk offline, and the score's arithmetic does not depend on the weights."""
+    tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path())
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=24, eos_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_clip_score_is_100_times_the_clamped_cosine_of_the_projected_embeddings(tiny_clip):
+    scorer = CLIPScorer(tiny_clip)
+    # 8-bit values: the image processor's resize goes through PIL, which would round anything else
+    images = torch.randint(0, 256, (5, 3, 32, 32), generator=torch.Generator().manual_seed(0)) / 255
+    prompts = ["a red circle", "a green square in the center", "a cat", "", "a blue triangle in the top left"]
+    scores = scorer.scores(images, prompts, batch_size=2)
+
+    # by hand: CLIP's normalisation of the pixels, the projected pooled outputs, their cosine
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    tokens = scorer.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = scorer.model.get_image_features(pixel_values=(images - mean) / std).pooler_output
+        text_embeds = scorer.model.get_text_features(**tokens).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
+    torch.testing.assert_close(scores, 100 * cosine.clamp(min=0), rtol=1e-4, atol=1e-3)
+    assert scores.shape == (5,) and ((scores >= 0) & (scores <= 100)).all()
+    with pytest.raises(ValueError, match="5 images but 4 prompts"):
+        scorer.scores(images, prompts[:4])
+
+
+def test_evaluate_adds_the_clip_score_when_given_a_clip_model(model_path, tiny_clip, tmp_path):
+    config = EvaluateConfig(
+        model=str(model_path),
+        data="shapes",
+        guidance=[3.0],
+        steps=[2],
+        schedulers=["ddim"],
+        num_samples=4,
+        out=str(tmp_path),
+        features="none",
+        shapes_num_images=8,
+        reconstruction_samples=0,
+        clip_model=str(tiny_clip),
+    )
+    (row,) = evaluate(config)["rows"]
+    assert 0 <= row["clip_score"] <= 100
+    assert (tmp_path / "plots" / "clip_score.png").is_file()

@@ -16,6 +16,7 @@ Metrics per setting:
 - class-captioned data (a `ClassLabel` column, e.g. CIFAR-10 with "a photo of a cat"): the reference classifier's
   accuracy on the prompted class, and FID/KID on its features, labelled "classifier features (not comparable to
   published FID)"; with the Inception-v3 FID weights on disk, FID/KID on Inception features instead;
+- with `--clip_model` (a CLIP folder on disk): the CLIP score of the images with their prompts;
 - every setting: seconds per image.
 Once per model: VAE reconstruction (PSNR, SSIM, latent statistics) and, when asked, the latent-space bits/dim bound.
 
@@ -48,6 +49,7 @@ from ..data.shapes import shapes_prompts
 from ..data.sources import load_image_caption_dataset
 from ..data.transforms import pick_caption
 from ..validation import image_grid
+from .clip_score import CLIPScorer
 from .curves import plot_training_curves
 from .features import ClassifierFeatureExtractor, caption_labels, iter_pixel_batches, load_feature_extractor
 from .fid import compute_statistics, fid_from_statistics, kernel_inception_distance, reference_statistics
@@ -64,6 +66,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "shape_acc": ("shapes judge: shape right", True),
     "position_acc": ("shapes judge: position right", True),
     "class_acc": ("reference classifier: prompted class recognised", True),
+    "clip_score": ("CLIP score: 100 x cosine of image and prompt embeddings", True),
     "fid": ("FID", False),
     "kid": ("KID (unbiased, x1000 is the usual unit)", False),
     "seconds_per_image": ("seconds per image", False),
@@ -91,6 +94,7 @@ class EvaluateConfig:
     # when its weights are found, else the classifier when given, else no FID/KID
     inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     classifier: str | None = None  # folder of a ReferenceClassifier (`python -m latentddpm.eval.features`)
+    clip_model: str | None = None  # a CLIPModel folder with its tokenizer and image processor: adds "clip_score"
     num_reference: int = 10000  # reference images for the FID/KID statistics
     shapes_num_images: int = 2000  # shapes data: images generated as the reference set (seed 10000 + seed)
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/latentddpm/reference_statistics)
@@ -177,6 +181,7 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
         labels = torch.tensor(caption_labels(prompts, classifier.classifier.config.class_names))
     elif kind == "class":
         logger.warning("Class-captioned data but no --classifier: class accuracy is not measured.")
+    clip = CLIPScorer(config.clip_model, device) if config.clip_model else None
     reference = None
     if extractor is not None:
         if config.num_samples < 2:
@@ -226,6 +231,8 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
             row.update({key: scores[key] for key in ("all_acc", "color_acc", "shape_acc", "position_acc")})
         if labels is not None:
             row["class_acc"] = float((classifier.predict(images) == labels).double().mean())
+        if clip is not None:
+            row["clip_score"] = float(clip.scores(images, prompts, config.batch_size).double().mean())
         if reference is not None:
             generated = compute_statistics(extractor, images.split(config.batch_size), desc="generated features")
             row["fid"] = fid_from_statistics(generated, reference)
