@@ -104,21 +104,26 @@ def test_evaluate_writes_plots_grids_and_a_self_contained_report(shapes_run):
     assert not re.search(r'src="(?!data:)', report) and "No feature network" in report
 
 
-def test_evaluate_is_deterministic_for_a_seed_whatever_else_is_swept(model_path, shapes_run, tmp_path):
-    out = tmp_path / "again"
-    config = EvaluateConfig(
+def one_setting(model_path: Path, out: Path, steps: int, **overrides) -> EvaluateConfig:
+    """A single DDIM setting on 4 shapes prompts, no FID, no reconstruction."""
+    return EvaluateConfig(
         model=str(model_path),
         data="shapes",
         guidance=[3.0],
-        steps=[3],
+        steps=[steps],
         schedulers=["ddim"],
         num_samples=4,
         out=str(out),
         features="none",
         shapes_num_images=8,
         reconstruction_samples=0,
+        **overrides,
     )
-    (row,) = evaluate(config)["rows"]
+
+
+def test_evaluate_is_deterministic_for_a_seed_whatever_else_is_swept(model_path, shapes_run, tmp_path):
+    out = tmp_path / "again"
+    (row,) = evaluate(one_setting(model_path, out, steps=3))["rows"]
     first = next(r for r in json.loads((shapes_run / "metrics.json").read_text())["rows"] if r["grid"] == row["grid"])
     assert {k: v for k, v in row.items() if k != "seconds_per_image"} == {
         k: v for k, v in first.items() if k != "seconds_per_image"
@@ -235,19 +240,6 @@ def test_clip_score_is_100_times_the_clamped_cosine_of_the_projected_embeddings(
 
 
 def test_evaluate_adds_the_clip_score_when_given_a_clip_model(model_path, tiny_clip, tmp_path):
-    config = EvaluateConfig(
-        model=str(model_path),
-        data="shapes",
-        guidance=[3.0],
-        steps=[2],
-        schedulers=["ddim"],
-        num_samples=4,
-        out=str(tmp_path),
-        features="none",
-        shapes_num_images=8,
-        reconstruction_samples=0,
-        clip_model=str(tiny_clip),
-    )
-    (row,) = evaluate(config)["rows"]
+    (row,) = evaluate(one_setting(model_path, tmp_path, steps=2, clip_model=str(tiny_clip)))["rows"]
     assert 0 <= row["clip_score"] <= 100
     assert (tmp_path / "plots" / "clip_score.png").is_file()
