@@ -172,6 +172,36 @@ def test_vae_stage_writes_a_data_derived_scaling_factor(tmp_path):
     assert metrics["psnr"] > 0
 
 
+def vae_args(tmp_path, *extra):
+    return [
+        "--config", str(config_path("shapes_vae.yaml")),
+        "--block_out_channels", "8,16", "--norm_num_groups", "4",
+        "--resolution", "16", "--shapes_num_images", "64", "--num_validation_samples", "8",
+        "--train_batch_size", "8", "--max_train_steps", "4", "--scale_samples", "32",
+        "--output_dir", str(tmp_path), "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+def test_vae_stage_with_the_patch_gan_trains_both_and_resumes_exactly(tmp_path):
+    gan = ["--gan_weight", "0.5", "--gan_start_step", "1"]
+    gan += ["--discriminator_channels", "8", "--discriminator_layers", "2"]
+    plain = train_vae.main(vae_args(tmp_path / "plain"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    straight = train_vae.main(vae_args(tmp_path / "gan", *gan, "--checkpointing_steps", "2"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpoint = straight / "checkpoints" / "checkpoint-2"
+    resumed = train_vae.main(vae_args(tmp_path / "resumed", *gan, "--resume_from_checkpoint", str(checkpoint)))
+
+    def weights(folder):
+        return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+    # the discriminator is part of the state (its weights and optimizer), so the resumed run ends where the straight
+    # one does; its loss moved the VAE away from the run without it
+    assert (checkpoint / "model_1.safetensors").is_file() and (checkpoint / "optimizer_1.bin").is_file()
+    assert all(torch.equal(weights(resumed)[k], v) for k, v in weights(straight).items())
+    assert not all(torch.equal(weights(plain)[k], v) for k, v in weights(straight).items())
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -4,8 +4,9 @@ Usage:
     accelerate launch training/train_vae.py --config configs/shapes_vae.yaml [--key value ...]
     latentddpm train-vae --config configs/shapes_vae.yaml [--key value ...]
 
-Loss: L1 or L2 reconstruction + `kl_weight` * KL to N(0, I), as in the LDM paper's KL-regularised autoencoder
-(LPIPS and the patch-GAN need pretrained weights we cannot fetch offline, so they are not used here).
+Loss: L1 or L2 reconstruction + `kl_weight` * KL to N(0, I), as in the LDM paper's KL-regularised autoencoder, plus
+optionally (`gan_weight > 0`) the hinge loss of a patch discriminator trained alongside from `gan_start_step` on, as
+LDM's autoencoders do. (LPIPS needs pretrained VGG weights, which cannot be fetched offline: not used.)
 At the end the latent std over a data sample sets `scaling_factor = 1 / std` in the saved config (LDM's
 `scale_by_std`), and `shift_factor` = the latent mean when `compute_shift_factor`, so that the scaled latents the
 diffusion model sees have mean 0 and std 1 whatever the autoencoder learned.
@@ -40,6 +41,7 @@ from latentddpm.config import (
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.manifest import build_manifest, write_manifest
+from latentddpm.models.discriminator import PatchDiscriminator
 from latentddpm.nonfinite import NonFiniteGuard
 from latentddpm.runs import start_run
 
@@ -58,6 +60,10 @@ class TrainVAEConfig(DataConfig):
     # --- objective ---
     reconstruction_loss: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), per latent element vs per pixel reconstruction
+    gan_weight: float = 0.0  # weight of the patch-GAN generator loss (0 = no discriminator)
+    gan_start_step: int = 0  # train and use the discriminator from this step on (LDM's `disc_start`)
+    discriminator_channels: int = 64  # width of the discriminator's first layer (divisible by 8)
+    discriminator_layers: int = 3  # its stride-2 layers (3 for 32x32 images and up)
     # --- optimisation ---
     train_batch_size: int = 64  # per process
     max_train_steps: int = 2000  # optimizer steps
@@ -98,15 +104,23 @@ class TrainVAEConfig(DataConfig):
                 "checkpoints_total_limit",
                 "log_every",
                 "max_consecutive_nonfinite",
+                "discriminator_channels",
+                "discriminator_layers",
             ),
             non_negative=(
                 "kl_weight",
+                "gan_weight",
+                "gan_start_step",
                 "lr_warmup_steps",
                 "adam_weight_decay",
                 "num_validation_samples",
                 "checkpointing_steps",
             ),
         )
+        if self.discriminator_channels % 8:
+            raise ConfigError(
+                f"Config key 'discriminator_channels' must be divisible by 8, got {self.discriminator_channels}."
+            )
         if not self.block_out_channels or min(self.block_out_channels) <= 0:
             raise ConfigError(f"Config key 'block_out_channels' must be widths > 0, got {self.block_out_channels}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -192,6 +206,16 @@ def main(argv: list[str] | None = None) -> Path:
         num_training_steps=config.max_train_steps,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(AutoencoderLoss(vae), optimizer, lr_scheduler)
+    discriminator = discriminator_optimizer = None
+    if config.gan_weight > 0:
+        discriminator = PatchDiscriminator(3, config.discriminator_channels, config.discriminator_layers)
+        discriminator_optimizer = torch.optim.AdamW(
+            discriminator.parameters(),
+            lr=config.learning_rate,
+            betas=(0.5, 0.9),
+            weight_decay=config.adam_weight_decay,
+        )
+        discriminator, discriminator_optimizer = accelerator.prepare(discriminator, discriminator_optimizer)
     latent_shape = (
         config.latent_channels,
         config.resolution // 2 ** (levels - 1),
@@ -248,16 +272,32 @@ def main(argv: list[str] | None = None) -> Path:
                 rec_loss = F.mse_loss(reconstruction, pixels)
             kl_loss = kl.mean()
             loss = rec_loss + config.kl_weight * kl_loss
+            adversarial = discriminator is not None and global_step >= config.gan_start_step
+            if adversarial:
+                with accelerator.autocast():
+                    generator_loss = -discriminator(reconstruction).float().mean()  # hinge GAN, generator side
+                loss = loss + config.gan_weight * generator_loss
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
             if guard.should_step(grad_norm, global_step):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if adversarial:
+                discriminator_optimizer.zero_grad(set_to_none=True)  # drop what the generator loss left there
+                with accelerator.autocast():
+                    real = discriminator(pixels).float()
+                    fake = discriminator(reconstruction.detach()).float()
+                discriminator_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+                accelerator.backward(discriminator_loss)
+                discriminator_optimizer.step()
+                discriminator_optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             global_step += 1
             progress.update(1)
             if global_step % config.log_every == 0 or global_step == config.max_train_steps:
                 logs = {"rec_loss": rec_loss.item(), "kl": kl_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+                if adversarial:
+                    logs |= {"generator_loss": generator_loss.item(), "discriminator_loss": discriminator_loss.item()}
                 progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl']:.1f}")
                 accelerator.log(logs, step=global_step)
             if stop_signal:
