@@ -17,6 +17,7 @@ Run it on an idle machine: on a shared CPU, torch's spinning OpenMP threads make
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,12 +54,8 @@ class Section:
 def _run(command: list[str], log: Path | None = None) -> str:
     """Run a command from the repository root; returns its stdout (stderr goes to `log`, or passes through)."""
     print(f"$ {shlex.join(command)}", file=sys.stderr, flush=True)
-    stderr = open(log, "w") if log else None  # noqa: SIM115 (closed below)
-    try:
+    with open(log, "w") if log else contextlib.nullcontext() as stderr:
         result = subprocess.run(command, cwd=ROOT.parent, stdout=subprocess.PIPE, stderr=stderr, text=True, check=True)
-    finally:
-        if stderr:
-            stderr.close()
     return result.stdout
 
 

@@ -520,9 +520,8 @@ def main(argv: list[str] | None = None) -> Path:
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 checkpoint_now()
             if global_step < config.max_train_steps:
-                evaluation = bool(
-                    config.evaluation_config and config.evaluation_steps and global_step % config.evaluation_steps == 0
-                )
+                # (TrainLDMConfig.validate requires evaluation_config wherever evaluation_steps is set)
+                evaluation = bool(config.evaluation_steps) and global_step % config.evaluation_steps == 0
                 if evaluation or (config.validation_steps and global_step % config.validation_steps == 0):
                     validate(ema, evaluation)
     progress.close()

@@ -716,11 +716,11 @@ class DDPMNoiseScheduler(SchedulerMixin, ConfigMixin):
             generator (`torch.Generator`, *optional*): Generator for the noise.
             stride (`int`, defaults to 1):
                 With `stride > 1` the KL terms of t = T-1 ... stride + 1 are split into blocks of `stride`
-                consecutive timesteps, one t is drawn uniformly in each block (with `generator` when it is a CPU
-                generator; the first one of a list) and its term counts for the whole block: stratified sampling,
-                an unbiased estimate. The terms of t = stride ... 1, which grow like 1 / t and would dominate the
-                variance, are each evaluated, as are L_0 and L_T: about (T - 1 - stride) / stride + stride + 1
-                model calls instead of T (T = 1000: 110 for stride 10, 140 for stride 30).
+                consecutive timesteps, one t is drawn uniformly in each block (with `generator`, the first one of a
+                list) and its term counts for the whole block: stratified sampling, an unbiased estimate. The terms
+                of t = stride ... 1, which grow like 1 / t and would dominate the variance, are each evaluated, as
+                are L_0 and L_T: about (T - 1 - stride) / stride + stride + 1 model calls instead of T (T = 1000:
+                110 for stride 10, 64 for stride 30).
 
         Returns:
             `torch.Tensor` of shape `(B,)`.
