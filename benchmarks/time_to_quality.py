@@ -42,7 +42,7 @@ from latentddpm.eval.curves import load_scalars
 
 RECIPES = {
     "ours": [],
-    "plain": ["--prediction_type", "epsilon", "--snr_gamma", "none", "--use_ema", "false"],
+    "plain": ["--noise_scheduler", "{prediction_type: epsilon}", "--snr_gamma", "none", "--use_ema", "false"],
 }
 SHAPES_METRICS = {  # short name -> logged tag
     "color": "shapes_color_acc",

@@ -8,11 +8,13 @@ and configs/shapes_vae.yaml (the VAE), with the `--config` U-Net (configs/unet/s
 random: the cost does not depend on them. `--dtype bf16` runs the step under `torch.autocast` with float32 weights,
 as `--mixed_precision bf16` does in train_ldm.
 
-One training step, in both loops: noise and timesteps, x_t and the v-prediction target from the scheduler, U-Net
-forward, min-SNR-gamma weighted MSE, backward, gradient clipping, AdamW step, EMA step.
+One training step, in both loops: noise and timesteps drawn from the step's generator, x_t and the v-prediction
+target from the scheduler, U-Net forward, min-SNR-gamma weighted MSE, backward, gradient clipping, AdamW step, EMA
+step.
 
-(a) ours vs diffusers, on the same batch (latents, text states and mask, noise, timesteps):
-    - ours: `ConditionalUNet` + `DDPMNoiseScheduler` + `latentddpm.losses` (`diffusion_loss`, `min_snr_weights`);
+(a) ours vs diffusers, on the same batch (latents, text states and mask) and the same draws (noise, timesteps):
+    - ours: `ConditionalUNet` + `DDPMNoiseScheduler` + `latentddpm.losses.training_loss`, the function train_ldm's
+      step calls;
     - diffusers: the `UNet2DConditionModel` of `to_unet2d_condition_config` with the same weights + `DDPMScheduler`
       with the same schedule, x_t from `add_noise`, the target from `get_velocity` and min-SNR from
       `diffusers.training_utils.compute_snr`, as diffusers' examples/text_to_image/train_text_to_image.py does.
@@ -21,11 +23,12 @@ forward, min-SNR-gamma weighted MSE, backward, gradient clipping, AdamW step, EM
     the running sum of the allocations and frees that torch.profiler records), above what was allocated before it.
 
 (b) latent caching, our step on fresh batches of the shapes dataset: the rows' latents and text embeddings from a
-    `LatentCache` (`LatentCache.batch`: a posterior sample from the cached moments, cached prompt states, caption
-    dropout), as train_ldm does, against encoding every batch on the fly with the VAE (`encode_images`) and the text
-    encoder (`encode_prompt`), under the same autocast as the step. The images are decoded and transformed to pixels
-    once beforehand, so the on-the-fly time leaves out image decoding and the speed-up is a lower bound. Alternating
-    step by step; medians. "data per step" is the part of a step before the U-Net step starts.
+    `LatentCache` (`LatentCache.draw` and `LatentCache.text`: a posterior sample from the cached moments, caption
+    dropout, cached prompt states), as train_ldm does, against encoding every batch on the fly with the VAE
+    (`encode_images`) and the text encoder (`encode_prompt`), under the same autocast as the step. The images are
+    decoded and transformed to pixels once beforehand, so the on-the-fly time leaves out image decoding and the
+    speed-up is a lower bound. Alternating step by step; medians. "data per step" is the part of a step before the
+    U-Net step starts.
 
 On a CPU shared with other jobs pass `--threads 1`: with more threads than idle cores, OpenMP barriers make step
 times swing by up to 10x.
@@ -55,15 +58,15 @@ from latentddpm.configs import config_path
 from latentddpm.data.shapes import make_shapes_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.latents import encode_images, vae_scale_factor
-from latentddpm.losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps
+from latentddpm.losses import Objective, training_loss
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
-from latentddpm.training.train_ldm import TrainLDMConfig
+from latentddpm.training.train_ldm import TrainLDMConfig, build_noise_scheduler
 from latentddpm.training.train_vae import TrainVAEConfig, build_vae
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-Batch = dict[str, torch.Tensor]  # the keyword names of the U-Net's forward, plus "noise"
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+Batch = dict[str, torch.Tensor]  # the keyword names of the U-Net's forward
+LossFn = Callable[[torch.nn.Module, Batch, torch.Generator], torch.Tensor]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,22 +88,23 @@ def autocast(args: argparse.Namespace) -> torch.autocast:
     return torch.autocast(torch.device(args.device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def ours_loss(unet, batch: Batch, scheduler: DDPMNoiseScheduler, snr_gamma: float | None) -> torch.Tensor:
-    mse, _ = diffusion_loss(
-        unet,
-        scheduler,
-        batch["sample"],
-        batch["noise"],
-        batch["timestep"],
-        batch["encoder_hidden_states"],
-        batch["encoder_attention_mask"],
-    )
-    return (mse * min_snr_weights(scheduler, batch["timestep"], snr_gamma)).mean()
+def ours_loss(
+    unet, batch: Batch, generator: torch.Generator, scheduler: DDPMNoiseScheduler, objective: Objective
+) -> torch.Tensor:
+    """train_ldm's loss: `training_loss` itself."""
+    hidden, mask = batch["encoder_hidden_states"], batch["encoder_attention_mask"]
+    return training_loss(unet, scheduler, batch["sample"], hidden, mask, objective, generator)[0]
 
 
-def diffusers_loss(unet, batch: Batch, scheduler: DDPMScheduler, snr_gamma: float | None) -> torch.Tensor:
-    """The v-prediction loss of diffusers' train_text_to_image.py, its min-SNR weighting included."""
-    latents, noise, timesteps = batch["sample"], batch["noise"], batch["timestep"]
+def diffusers_loss(
+    unet, batch: Batch, generator: torch.Generator, scheduler: DDPMScheduler, snr_gamma: float | None
+) -> torch.Tensor:
+    """The v-prediction loss of diffusers' train_text_to_image.py, its min-SNR weighting included; noise and
+    timesteps drawn from `generator` as `training_loss` draws them, so both loops see the same values."""
+    latents = batch["sample"]
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     target = scheduler.get_velocity(latents, noise, timesteps)
     prediction = unet(
@@ -119,7 +123,7 @@ def diffusers_loss(unet, batch: Batch, scheduler: DDPMScheduler, snr_gamma: floa
 
 def make_train_step(
     unet: torch.nn.Module, loss_fn: LossFn, config: TrainLDMConfig, args: argparse.Namespace
-) -> Callable[[Batch], None]:
+) -> Callable[[Batch, torch.Generator], None]:
     """A closure running one optimizer step of `unet` on a batch, with its own AdamW and EMA set up as in train_ldm."""
     unet.train()
     optimizer = torch.optim.AdamW(
@@ -132,9 +136,9 @@ def make_train_step(
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, power=config.ema_power)
     ema.to(args.device)
 
-    def step(batch: Batch) -> None:
+    def step(batch: Batch, generator: torch.Generator) -> None:
         with autocast(args):
-            loss = loss_fn(unet, batch)
+            loss = loss_fn(unet, batch, generator)
         loss.backward()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
@@ -164,11 +168,7 @@ def median_seconds(steps: dict[str, Callable[[int], None]], args: argparse.Names
 
 def schedule(config: TrainLDMConfig) -> dict:
     """The noise schedule and target, in the argument names both DDPMNoiseScheduler and DDPMScheduler take."""
-    return dict(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        prediction_type=config.prediction_type,
-    )
+    return build_noise_scheduler(config).config
 
 
 def compare_with_diffusers(
@@ -176,21 +176,25 @@ def compare_with_diffusers(
 ) -> dict[str, dict[str, float]]:
     """(a): median seconds per step and peak allocated bytes of our loop and diffusers', on one fixed batch."""
     loss_fns = {
-        "ours": partial(ours_loss, scheduler=DDPMNoiseScheduler(**schedule(config)), snr_gamma=config.snr_gamma),
-        "diffusers": partial(diffusers_loss, scheduler=DDPMScheduler(**schedule(config)), snr_gamma=config.snr_gamma),
+        "ours": partial(
+            ours_loss, scheduler=DDPMNoiseScheduler.from_config(schedule(config)), objective=config.objective()
+        ),
+        "diffusers": partial(
+            diffusers_loss, scheduler=DDPMScheduler.from_config(schedule(config)), snr_gamma=config.snr_gamma
+        ),
     }
     train_steps = {name: make_train_step(models[name], loss_fns[name], config, args) for name in models}
 
-    def on_the_batch(step: Callable[[Batch], None]) -> Callable[[int], None]:
+    def on_the_batch(step: Callable[[Batch, torch.Generator], None]) -> Callable[[int], None]:
         def run(i: int) -> None:
-            step(batch)
+            step(batch, step_generator(args.seed, i))
 
         return run
 
     seconds = median_seconds({name: on_the_batch(step) for name, step in train_steps.items()}, args)
-    peak = {name: peak_allocated(partial(step, batch), args.device) for name, step in train_steps.items()}
+    peak = {name: peak_allocated(partial(on_the_batch(step), 0), args.device) for name, step in train_steps.items()}
     if args.profile:
-        print_profile_difference({name: partial(step, batch) for name, step in train_steps.items()}, args)
+        print_profile_difference({name: partial(on_the_batch(step), 0) for name, step in train_steps.items()}, args)
     return {"seconds": seconds, "peak_allocated": peak}
 
 
@@ -251,38 +255,32 @@ def compare_caching(
     pixels = torch.stack([transform(image) for image in dataset["image"]])
     captions = dataset["text"]
     stream = ShuffledStream(len(dataset), args.batch, seed=args.seed)
-    loss_fn = partial(ours_loss, scheduler=DDPMNoiseScheduler(**schedule(config)), snr_gamma=config.snr_gamma)
+    loss_fn = partial(
+        ours_loss, scheduler=DDPMNoiseScheduler.from_config(schedule(config)), objective=config.objective()
+    )
     train_step = make_train_step(unet, loss_fn, config, args)
     data_seconds = {"cached": [], "on the fly": []}
 
     def train_on(name: str, i: int, start: float, latents, hidden, mask, generator: torch.Generator) -> None:
-        noise = sample_noise(latents.cpu(), generator, config.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], config.num_train_timesteps, generator)
-        batch = {
-            "sample": latents,
-            "encoder_hidden_states": hidden,
-            "encoder_attention_mask": mask,
-            "noise": noise,
-            "timestep": timesteps,
-        }
+        batch = {"sample": latents, "encoder_hidden_states": hidden, "encoder_attention_mask": mask}
         batch = {key: value.to(device) for key, value in batch.items()}
         synchronize(device)
         if i >= args.warmup:
             data_seconds[name].append(time.perf_counter() - start)
-        train_step(batch)
+        train_step(batch, generator)
 
     def cached(i: int) -> None:
         start = time.perf_counter()
         generator = step_generator(args.seed, i)
-        latents, hidden, mask = cache.batch(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
-        train_on("cached", i, start, latents, hidden, mask, generator)
+        latents, caption_ids = cache.draw(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
+        train_on("cached", i, start, latents, *cache.text(caption_ids), generator)
 
     def on_the_fly(i: int) -> None:
         start = time.perf_counter()
         generator = step_generator(args.seed, i)
         rows = stream.indices(i).tolist()
         dropped = (torch.rand(len(rows), generator=generator) < config.caption_dropout).tolist()
-        # Caption dropout to the empty prompt, as LatentCache.batch does with its cached empty-prompt row.
+        # Caption dropout to the empty prompt, as LatentCache.draw does with its cached empty-prompt row.
         prompts = ["" if drop else captions[row] for row, drop in zip(rows, dropped)]
         with torch.no_grad(), autocast(args):
             latents = encode_images(vae, pixels[rows].to(device), generator)
@@ -307,8 +305,6 @@ def main(argv: list[str] | None = None) -> None:
     unet_args = argparse.Namespace(**vars(args) | {"dtype": "fp32", "seq_len": config.tokenizer_max_length})
     models = build_models(unet_args)
     batch = make_batch(models["ours"].config, unet_args)
-    noise_generator = torch.Generator().manual_seed(args.seed)
-    batch["noise"] = torch.randn(batch["sample"].shape, generator=noise_generator).to(args.device)
     params = sum(p.numel() for p in models["ours"].parameters())
     a = compare_with_diffusers(models, batch, config, args)
     del models["diffusers"]

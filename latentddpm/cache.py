@@ -84,18 +84,6 @@ class LatentCache:
         """The cached `(hidden (B, S, D), mask (B, S))` of caption rows `caption_ids` (B,)."""
         return self.text_hidden[caption_ids].float(), self.text_mask[caption_ids]
 
-    def batch(
-        self,
-        indices: torch.Tensor,
-        vae,
-        generator: torch.Generator,
-        caption_dropout: float = 0.0,
-        sample_posterior: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`draw` with the cached text conditioning: `(latents (B, C, h, w), hidden (B, S, D), mask (B, S))`."""
-        latents, caption_ids = self.draw(indices, vae, generator, caption_dropout, sample_posterior)
-        return latents, *self.text(caption_ids)
-
 
 def tensor_fingerprint(module: torch.nn.Module) -> str:
     """Hash of a module's config (when it has one) and every parameter and buffer."""

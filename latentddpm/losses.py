@@ -1,37 +1,41 @@
 """The denoising objective, kept apart from the model and the sampler.
 
-`diffusion_loss` maps (unet, scheduler, batch, noise, timesteps) to a per-sample loss [B]; the caller weights
-(e.g. `min_snr_weights`) and averages. The scheduler's config decides the target (`prediction_type`) and whether
-the U-Net also predicts its variance (`variance_type="learned_range"`, trained with Improved DDPM's L_hybrid).
+`diffusion_loss` maps (unet, scheduler, batch, noise, timesteps) to a per-sample loss [B]; `training_loss` is one
+training step's scalar loss built on it: it draws the noise and timesteps from the step's generator, weights (min-SNR)
+and averages, and adds the VLB term. `train_ldm`, its validation loss and `benchmarks/training.py` all call
+`training_loss`, so what is validated and benchmarked is what trains. The scheduler's config decides the target
+(`prediction_type`) and whether the U-Net also predicts its variance (`variance_type="learned_range"`, trained with
+Improved DDPM's L_hybrid).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
 def sample_noise(
-    latents: torch.Tensor, generator: torch.Generator | None = None, noise_offset: float = 0.0
+    shape: torch.Size, generator: torch.Generator | None = None, noise_offset: float = 0.0
 ) -> torch.Tensor:
-    """Gaussian noise like `latents`, optionally with a per-channel offset.
+    """Gaussian noise of `shape` `(B, C, H, W)` on the generator's device, optionally with a per-channel offset.
 
     Noise offset (Guttenberg 2023, https://www.crosslabs.org/blog/diffusion-with-offset-noise) lets the model
     change the mean brightness of an image, which plain Gaussian noise never fully destroys.
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    device = None if generator is None else generator.device
+    noise = torch.randn(shape, generator=generator, device=device)
     if noise_offset:
-        offset = torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
-        noise = noise + noise_offset * offset
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
     return noise
 
 
 def sample_timesteps(
-    batch_size: int, num_train_timesteps: int, generator: torch.Generator | None = None, device=None
+    batch_size: int, num_train_timesteps: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Uniform timesteps in [0, num_train_timesteps), shape [B], long."""
+    """Uniform timesteps in [0, num_train_timesteps) on the generator's device, shape [B], long."""
+    device = None if generator is None else generator.device
     return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
 
 
@@ -104,3 +108,63 @@ def diffusion_loss(
             model_output.float(), latents.float(), noisy_latents.float(), timesteps, detach_mean=True
         )
     return mse, vlb
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a training step minimises besides the scheduler's target (the `train_ldm` keys of the same names)."""
+
+    snr_gamma: float | None = 5.0  # min-SNR-gamma weighting (Hang et al. 2023); None = plain MSE
+    noise_offset: float = 0.0  # offset noise scale
+    input_perturbation: float = 0.0  # input perturbation scale (Ning et al. 2023)
+    vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb, when the variance is learned
+
+
+def training_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+    objective: Objective,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one training step on one (micro-)batch: noise, timesteps, `diffusion_loss`, weights, VLB term.
+
+    The noise, the input perturbation and the timesteps are drawn, in that order, from `generator` (a CPU
+    generator, so that a seed gives the same draws on every device) and moved to `latents.device`.
+
+    Args:
+        latents (`torch.Tensor` of shape `(B, C, H, W)`): clean (scaled) latents x_0.
+        encoder_hidden_states (`torch.Tensor` of shape `(B, S, D)`): text encoder states.
+        encoder_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 for tokens to attend to.
+        objective (`Objective`): weighting, noise offset, input perturbation and VLB weight.
+        generator (`torch.Generator`): the step's CPU generator.
+
+    Returns:
+        `(loss, logs)`: the scalar loss to backpropagate, and detached per-term means (`mse`, and `vlb` when the
+        variance is learned) for logging.
+    """
+    noise = sample_noise(latents.shape, generator, objective.noise_offset)
+    perturbation = None
+    if objective.input_perturbation:
+        perturbation = torch.randn(latents.shape, generator=generator, device=generator.device)
+    timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
+    device = latents.device
+    mse, vlb = diffusion_loss(
+        unet,
+        scheduler,
+        latents,
+        noise.to(device),
+        timesteps.to(device),
+        encoder_hidden_states,
+        encoder_attention_mask,
+        input_perturbation=objective.input_perturbation,
+        perturbation_noise=None if perturbation is None else perturbation.to(device),
+    )
+    loss = (mse * min_snr_weights(scheduler, timesteps.to(device), objective.snr_gamma)).mean()
+    logs = {"mse": mse.detach().mean()}
+    if vlb is not None:
+        loss = loss + objective.vlb_weight * vlb.mean()
+        logs["vlb"] = vlb.detach().mean()
+    return loss, logs

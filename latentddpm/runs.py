@@ -1,18 +1,26 @@
-"""What every training script does first: the Accelerator, logging, threads, seeds and the run's saved config."""
+"""What every training script shares: the start (Accelerator, logging, threads, seeds, the saved config) and the
+run's bookkeeping (its counters, resume, periodic checkpoints, preemption and the non-finite-gradient guard)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import SchedulerType
 
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint, stop_on_signals
 from .config import save_config
+from .nonfinite import NonFiniteGuard
 
 logger = get_logger(__name__)
+LR_SCHEDULERS = [s.value for s in SchedulerType]  # the `lr_scheduler` names diffusers' get_scheduler takes
 
 
 def start_run(config) -> Accelerator:
@@ -37,3 +45,91 @@ def start_run(config) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "train_config.yaml")
     return accelerator
+
+
+class Preempted(Exception):
+    """A training loop saved a checkpoint on SIGTERM/SIGINT and stopped early; the command line exits 0 on it."""
+
+
+def checkpoint_dir(config) -> Path:
+    return Path(config.output_dir) / "checkpoints"
+
+
+def find_checkpoint(config) -> Path | None:
+    """The checkpoint `config.resume_from_checkpoint` names (None: start afresh). Call it before loading anything, so
+    that a wrong path fails in seconds."""
+    return resolve_checkpoint(checkpoint_dir(config), config.resume_from_checkpoint)
+
+
+@dataclasses.dataclass
+class RunState:
+    """The counters a run carries across checkpoints (`training_state.json`)."""
+
+    global_step: int = 0  # optimizer steps taken (or skipped) so far
+    skipped_steps: int = 0  # of which skipped for non-finite gradients
+    train_seconds: float = 0.0  # time in training steps, without validation and checkpointing
+
+
+class TrainingRun(contextlib.AbstractContextManager):
+    """Resume, periodic checkpoints, preemption and the non-finite-gradient guard of one training run.
+
+    accelerate saves and restores what `accelerator.prepare` wrapped (models, optimizers, LR schedulers) and the RNG
+    states; `write_extra(folder)` adds the script's own files (EMA weights, config, manifest) to every checkpoint. As
+    a context manager around the loop it records SIGTERM/SIGINT (sent by schedulers before they kill a job), and
+    `checkpoint_if_due` then saves and raises `Preempted` at the end of the step they arrived in.
+    """
+
+    def __init__(self, accelerator, config, write_extra: Callable[[Path], None]):
+        self.accelerator = accelerator
+        self.directory = checkpoint_dir(config)
+        self.checkpointing_steps = config.checkpointing_steps
+        self.total_limit = config.checkpoints_total_limit
+        self.write_extra = write_extra
+        self.state = RunState()
+        self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, self.directory)
+        self._signals = stop_on_signals()
+        self._received: list[int] = []
+
+    def resume(self, checkpoint: Path | None) -> None:
+        """Restore accelerate's states and the counters from `checkpoint` (a fresh start when None)."""
+        if checkpoint is None:
+            return
+        self.state = RunState(**load_checkpoint(self.accelerator, checkpoint))
+        self.guard.skipped = self.state.skipped_steps
+        logger.info(f"Resumed from {checkpoint} at step {self.state.global_step}")
+
+    def should_step(self, grad_norm) -> bool:
+        """Whether the optimizer may step on this (all-reduced) gradient norm; non-finite ones are skipped, counted."""
+        stepped = self.guard.should_step(grad_norm, self.state.global_step)
+        self.state.skipped_steps = self.guard.skipped
+        return stepped
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.accelerator,
+            self.directory,
+            self.state.global_step,
+            dataclasses.asdict(self.state),
+            write_extra=self.write_extra,
+            total_limit=self.total_limit,
+        )
+
+    def checkpoint_if_due(self) -> None:
+        """Save every `checkpointing_steps` steps; after a preemption signal, save and raise `Preempted`."""
+        if self._received:
+            path = self.save()
+            self.accelerator.print(
+                f"Received signal {self._received[0]} at step {self.state.global_step}: saved {path}. Resume with "
+                "--resume_from_checkpoint latest (same output_dir)."
+            )
+            self.accelerator.end_training()
+            raise Preempted(f"stopped at step {self.state.global_step} by signal {self._received[0]}")
+        if self.checkpointing_steps and self.state.global_step % self.checkpointing_steps == 0:
+            self.save()
+
+    def __enter__(self) -> TrainingRun:
+        self._received = self._signals.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._signals.__exit__(*exc_info)

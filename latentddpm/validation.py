@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .batching import step_generator
-from .losses import diffusion_loss, min_snr_weights, sample_noise, sample_timesteps
+from .losses import Objective, training_loss
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
@@ -32,24 +32,22 @@ def validation_loss(
     cache,
     rows: torch.Tensor,
     vae,
-    snr_gamma: float | None,
+    objective: Objective,
     seed: int = 0,
     text: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """Mean weighted denoising loss on held-out rows, with fixed draws so numbers compare across steps.
+    """The training loss (`training_loss`, the same objective) on held-out rows, with fixed draws so that numbers
+    compare across steps.
 
     `text` maps caption rows of `cache` to `(hidden, mask)`; the cached embeddings (`cache.text`) by default, the
     text encoder being trained when there is one.
     """
     generator = step_generator(seed, micro_step=0, process_index=10_000)
     latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.0)
-    hidden, mask = (text or cache.text)(caption_ids)
-    noise = sample_noise(latents, generator)
-    timesteps = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
     device = next(unet.parameters()).device
-    latents, hidden, mask, noise, timesteps = (t.to(device) for t in (latents, hidden, mask, noise, timesteps))
-    mse, _ = diffusion_loss(unet, scheduler, latents, noise, timesteps, hidden, mask)
-    return (mse * min_snr_weights(scheduler, timesteps, snr_gamma)).mean().item()
+    hidden, mask = (t.to(device) for t in (text or cache.text)(caption_ids))
+    loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator)
+    return loss.item()
 
 
 @torch.no_grad()
@@ -104,7 +102,7 @@ def run_validation(
     with ema_weights(model, ema):
         if len(validation_rows):
             metrics["val_loss"] = validation_loss(
-                model, scheduler, cache, validation_rows, vae, config.snr_gamma, config.seed, text
+                model, scheduler, cache, validation_rows, vae, config.objective(), config.seed, text
             )
         pipeline = make_pipeline()
         pipeline.set_progress_bar_config(disable=True)

@@ -61,4 +61,8 @@ def test_time_to_quality_recipes_are_valid_train_ldm_overrides(recipe):
         train_ldm.TrainLDMConfig, ["--config", str(config_path("shapes_ldm.yaml")), *time_to_quality.RECIPES[recipe]]
     )
     if recipe == "plain":
-        assert (config.prediction_type, config.snr_gamma, config.use_ema) == ("epsilon", None, False)
+        assert (config.noise_scheduler["prediction_type"], config.snr_gamma, config.use_ema) == (
+            "epsilon",
+            None,
+            False,
+        )

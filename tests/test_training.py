@@ -231,3 +231,10 @@ def test_vae_stage_stops_on_repeated_non_finite_gradients(tmp_path):
                 "--output_dir", str(tmp_path / "vae"), "--report_to", "none",
             ]
         )  # fmt: skip
+
+
+def test_vae_stage_without_held_out_images_trains_and_saves_without_psnr(tmp_path):
+    out = train_vae.main(vae_args(tmp_path / "vae", "--num_validation_samples", "0", "--max_train_steps", "1"))
+    metrics = json.loads((out / "manifest.json").read_text())["final_metrics"]
+    assert "psnr" not in metrics and metrics["latent_std"] > 0
+    assert AutoencoderKL.from_pretrained(str(out)).config.scaling_factor == pytest.approx(1 / metrics["latent_std"])

@@ -15,7 +15,7 @@ diffusion model sees have mean 0 and std 1 whatever the autoencoder learned.
 from __future__ import annotations
 
 import math
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,99 +24,69 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
-from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from latentddpm.batching import ShuffledStream, step_generator
-from latentddpm.checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint, stop_on_signals
 from latentddpm.config import (
     ConfigError,
     DataConfig,
-    check_ranges,
     config_to_dict,
+    non_negative,
     parse_config,
+    positive,
     save_config,
     tracker_config,
 )
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
+from latentddpm.eval.reconstruction import psnr
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models.discriminator import PatchDiscriminator
-from latentddpm.nonfinite import NonFiniteGuard
-from latentddpm.runs import start_run
+from latentddpm.runs import LR_SCHEDULERS, TrainingRun, find_checkpoint, start_run
 
 logger = get_logger(__name__)
-LR_SCHEDULERS = [s.value for s in SchedulerType]
 
 
 @dataclass
 class TrainVAEConfig(DataConfig):
     # --- model (diffusers AutoencoderKL) ---
     block_out_channels: list[int] = (32, 64, 64)  # one entry per level; down-sampling factor = 2^(levels - 1)
-    layers_per_block: int = 1  # ResNet blocks per level
-    latent_channels: int = 4  # channels of the latent image
-    norm_num_groups: int = 16  # GroupNorm groups (must divide every block width)
+    layers_per_block: int = positive(1)  # ResNet blocks per level
+    latent_channels: int = positive(4)  # channels of the latent image
+    norm_num_groups: int = positive(16)  # GroupNorm groups (must divide every block width)
     mid_block_add_attention: bool = False  # attention in the mid block (slow on CPU, little gain at 32x32)
     # --- objective ---
     reconstruction_loss: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
-    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)), per latent element vs per pixel reconstruction
-    gan_weight: float = 0.0  # weight of the patch-GAN generator loss (0 = no discriminator)
-    gan_start_step: int = 0  # train and use the discriminator from this step on (LDM's `disc_start`)
-    discriminator_channels: int = 64  # width of the discriminator's first layer (divisible by 8)
-    discriminator_layers: int = 3  # its stride-2 layers (3 for 32x32 images and up)
+    kl_weight: float = non_negative(1e-6)  # weight of KL(q(z|x) || N(0, I)), per latent element vs per pixel
+    gan_weight: float = non_negative(0.0)  # weight of the patch-GAN generator loss (0 = no discriminator)
+    gan_start_step: int = non_negative(0)  # train and use the discriminator from this step on (LDM's `disc_start`)
+    discriminator_channels: int = positive(64)  # width of the discriminator's first layer (divisible by 8)
+    discriminator_layers: int = positive(3)  # its stride-2 layers (3 for 32x32 images and up)
     # --- optimisation ---
-    train_batch_size: int = 64  # per process
-    max_train_steps: int = 2000  # optimizer steps
-    learning_rate: float = 1e-3  # peak learning rate
+    train_batch_size: int = positive(64)  # per process
+    max_train_steps: int = positive(2000)  # optimizer steps
+    learning_rate: float = positive(1e-3)  # peak learning rate
     lr_scheduler: str = "cosine"  # diffusers get_scheduler name
-    lr_warmup_steps: int = 50  # warmup steps
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0  # gradient clipping (None = off)
-    max_consecutive_nonfinite: int = 5  # stop after this many skipped steps in a row with NaN/inf gradients
+    lr_warmup_steps: int = non_negative(50)  # warmup steps
+    adam_weight_decay: float = non_negative(0.0)
+    max_grad_norm: float | None = positive(1.0)  # gradient clipping (None = off)
+    max_consecutive_nonfinite: int = positive(5)  # stop after this many skipped steps in a row with NaN/inf gradients
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
-    torch_threads: int | None = None  # torch.set_num_threads on CPU (None = torch default)
+    torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
     # --- latent scaling, evaluation, output ---
-    scale_samples: int = 2048  # images encoded to measure the latent mean/std for scaling_factor
+    scale_samples: int = positive(2048)  # images encoded to measure the latent mean/std for scaling_factor
     compute_shift_factor: bool = True  # also centre the latents (shift_factor = latent mean)
-    num_validation_samples: int = 256  # held-out images for PSNR (not trained on)
+    num_validation_samples: int = non_negative(256)  # held-out images for PSNR (not trained on; 0 = no PSNR)
     output_dir: str = "outputs/shapes_vae"  # the VAE is saved here; checkpoints in output_dir/checkpoints
     seed: int = 0  # seeds init, data order and every random draw
-    checkpointing_steps: int = 0  # save a checkpoint every N steps (0 = never)
-    checkpoints_total_limit: int | None = 2  # keep at most N checkpoints
+    checkpointing_steps: int = non_negative(0)  # save a checkpoint every N steps (0 = never)
+    checkpoints_total_limit: int | None = positive(2)  # keep at most N checkpoints
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     report_to: str = "tensorboard"  # tensorboard, wandb, all or none
-    log_every: int = 50  # log every N steps
+    log_every: int = positive(50)  # log every N steps
 
     def validate(self) -> None:
-        super().validate()
-        check_ranges(
-            self,
-            positive=(
-                "layers_per_block",
-                "latent_channels",
-                "norm_num_groups",
-                "train_batch_size",
-                "max_train_steps",
-                "learning_rate",
-                "max_grad_norm",
-                "torch_threads",
-                "scale_samples",
-                "checkpoints_total_limit",
-                "log_every",
-                "max_consecutive_nonfinite",
-                "discriminator_channels",
-                "discriminator_layers",
-            ),
-            non_negative=(
-                "kl_weight",
-                "gan_weight",
-                "gan_start_step",
-                "lr_warmup_steps",
-                "adam_weight_decay",
-                "num_validation_samples",
-                "checkpointing_steps",
-            ),
-        )
         if self.discriminator_channels % 8:
             raise ConfigError(
                 f"Config key 'discriminator_channels' must be divisible by 8, got {self.discriminator_channels}."
@@ -164,18 +134,10 @@ def build_vae(config: TrainVAEConfig) -> AutoencoderKL:
     )
 
 
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1]. Shapes `(B, 3, H, W)` -> `(B,)`."""
-    mse = ((reconstruction.clamp(-1, 1) - target) / 2).pow(2).mean(dim=(1, 2, 3))
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
 def main(argv: list[str] | None = None) -> Path:
     config = parse_config(TrainVAEConfig, argv)
     output_dir = Path(config.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
-    # Before any data is loaded, so that a wrong path fails in seconds.
-    checkpoint = resolve_checkpoint(checkpoint_dir, config.resume_from_checkpoint)
+    checkpoint = find_checkpoint(config)  # before any data is loaded: a wrong path fails in seconds
     accelerator = start_run(config)
 
     # 1. Data: decode, check and convert every image once; hold out the last rows for PSNR.
@@ -187,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
     num_rows = len(dataset) - config.num_validation_samples
     if num_rows <= 0:
         raise ConfigError(f"num_validation_samples={config.num_validation_samples} leaves no training images.")
-    validation_pixels = torch.stack([transform(im) for im in dataset[num_rows:][config.image_column]])
+    validation_images = dataset[num_rows:][config.image_column]
     stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
 
     def load_pixels(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -222,46 +184,32 @@ def main(argv: list[str] | None = None) -> Path:
         config.resolution // 2 ** (levels - 1),
     )
 
-    global_step, skipped_steps = 0, 0
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        global_step, skipped_steps = state["global_step"], state["skipped_steps"]
-        logger.info(f"Resumed from {checkpoint} at step {global_step}")
-    guard = NonFiniteGuard(config.max_consecutive_nonfinite, checkpoint_dir, skipped=skipped_steps)
-
+    # 3. Resume.
     manifest = build_manifest(config_to_dict(config), config.seed, fingerprint)
 
-    def write_extra(folder: Path) -> None:
+    def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states
         save_config(config, folder / "train_config.yaml")
         write_manifest(manifest, folder)
 
-    def checkpoint_now() -> Path:
-        return save_checkpoint(
-            accelerator,
-            checkpoint_dir,
-            global_step,
-            {"global_step": global_step, "skipped_steps": guard.skipped},
-            write_extra=write_extra,
-            total_limit=config.checkpoints_total_limit,
-        )
-
+    run = TrainingRun(accelerator, config, write_extra)
+    run.resume(checkpoint)
     if accelerator.is_main_process:
         accelerator.init_trackers("latentddpm-vae", config=tracker_config(config))
 
-    # 3. The loop.
-    device = accelerator.device
+    # 4. The loop.
+    state, device = run.state, accelerator.device
     progress = tqdm(
         total=config.max_train_steps,
-        initial=global_step,
+        initial=state.global_step,
         desc="VAE steps",
         disable=not accelerator.is_local_main_process,
     )
-    # Preemption (SIGTERM/SIGINT): finish the current step, checkpoint, exit 0.
-    with stop_on_signals() as stop_signal:
-        model.train()
-        while global_step < config.max_train_steps:
-            generator = step_generator(config.seed, global_step, accelerator.process_index)
-            pixels = load_pixels(stream.indices(global_step, accelerator.process_index), generator).to(device)
+    model.train()
+    with run:  # SIGTERM/SIGINT: finish the step, checkpoint, raise Preempted
+        while state.global_step < config.max_train_steps:
+            step_start = time.perf_counter()
+            generator = step_generator(config.seed, state.global_step, accelerator.process_index)
+            pixels = load_pixels(stream.indices(state.global_step, accelerator.process_index), generator).to(device)
             eps = torch.randn((pixels.shape[0], *latent_shape), generator=generator).to(device)
             with accelerator.autocast():
                 reconstruction, kl = model(pixels, eps)
@@ -272,14 +220,14 @@ def main(argv: list[str] | None = None) -> Path:
                 rec_loss = F.mse_loss(reconstruction, pixels)
             kl_loss = kl.mean()
             loss = rec_loss + config.kl_weight * kl_loss
-            adversarial = discriminator is not None and global_step >= config.gan_start_step
+            adversarial = discriminator is not None and state.global_step >= config.gan_start_step
             if adversarial:
                 with accelerator.autocast():
                     generator_loss = -discriminator(reconstruction).float().mean()  # hinge GAN, generator side
                 loss = loss + config.gan_weight * generator_loss
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-            if guard.should_step(grad_norm, global_step):
+            if run.should_step(grad_norm):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if adversarial:
@@ -292,34 +240,28 @@ def main(argv: list[str] | None = None) -> Path:
                 discriminator_optimizer.step()
                 discriminator_optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
-            global_step += 1
+            state.global_step += 1
+            state.train_seconds += time.perf_counter() - step_start
             progress.update(1)
-            if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+            if state.global_step % config.log_every == 0 or state.global_step == config.max_train_steps:
                 logs = {"rec_loss": rec_loss.item(), "kl": kl_loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
                 if adversarial:
                     logs |= {"generator_loss": generator_loss.item(), "discriminator_loss": discriminator_loss.item()}
                 progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl']:.1f}")
-                accelerator.log(logs, step=global_step)
-            if stop_signal:
-                path = checkpoint_now()
-                accelerator.print(
-                    f"Received signal {stop_signal[0]} at step {global_step}: saved {path}. Resume with "
-                    f"--resume_from_checkpoint latest (same output_dir)."
-                )
-                accelerator.end_training()
-                sys.exit(0)
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                checkpoint_now()
+                accelerator.log(logs, step=state.global_step)
+            run.checkpoint_if_due()
     progress.close()
 
-    # 4. Held-out PSNR, data-derived latent scaling, save.
+    # 5. Held-out PSNR, data-derived latent scaling, save.
     accelerator.wait_for_everyone()
     vae = accelerator.unwrap_model(model).vae.eval()
     metrics = {}
     if accelerator.is_main_process:
         with torch.no_grad():
-            val = validation_pixels.to(device)
-            metrics["psnr"] = psnr(vae(val, sample_posterior=False).sample.float(), val).mean().item()
+            if validation_images:
+                val = torch.stack([transform(image) for image in validation_images]).to(device)
+                reconstruction = vae(val, sample_posterior=False).sample.float().clamp(-1, 1)
+                metrics["psnr"] = psnr(reconstruction, val, data_range=2.0).mean().item()
             rows = torch.arange(min(config.scale_samples, num_rows))
             latents = torch.cat(
                 [
@@ -337,12 +279,12 @@ def main(argv: list[str] | None = None) -> Path:
         )
         vae.save_pretrained(str(output_dir))
         save_config(config, output_dir / "train_config.yaml")
-        write_manifest(manifest | {"final_metrics": metrics, "skipped_steps": guard.skipped}, output_dir)
-        accelerator.log({"psnr": metrics["psnr"]}, step=global_step)
+        write_manifest(manifest | {"final_metrics": metrics, "skipped_steps": state.skipped_steps}, output_dir)
+        accelerator.log({k: v for k, v in metrics.items() if k == "psnr"}, step=state.global_step)
+        held_out = f"held-out PSNR {metrics['psnr']:.2f} dB, " if "psnr" in metrics else ""
         accelerator.print(
-            f"VAE saved to {output_dir}: held-out PSNR {metrics['psnr']:.2f} dB, latent mean "
-            f"{metrics['latent_mean']:.4f}, std {metrics['latent_std']:.4f} -> scaling_factor "
-            f"{vae.config.scaling_factor:.4f}"
+            f"VAE saved to {output_dir}: {held_out}latent mean {metrics['latent_mean']:.4f}, std "
+            f"{metrics['latent_std']:.4f} -> scaling_factor {vae.config.scaling_factor:.4f}"
         )
     accelerator.end_training()
     return output_dir
