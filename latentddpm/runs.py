@@ -37,3 +37,7 @@ def start_run(config) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "train_config.yaml")
     return accelerator
+
+
+class Preempted(Exception):
+    """A training loop saved a checkpoint on SIGTERM/SIGINT and stopped early; the command line exits 0 on it."""
