@@ -16,10 +16,11 @@ from transformers import AutoTokenizer, BertConfig, BertModel, CLIPConfig, CLIPI
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from latentddpm.config import ConfigError
-from latentddpm.data import COLORS, make_shapes_dataset
+from latentddpm.data import COLORS, make_shapes_dataset, shapes_prompts
 from latentddpm.eval import train_classifier
 from latentddpm.eval.clip_score import CLIPScorer
 from latentddpm.eval.features import CLASSIFIER_DESCRIPTION
+from latentddpm.eval.sampling import generate_images, grid_shape, to_pil
 from latentddpm.eval.sweep import EvaluateConfig, evaluate, main
 from latentddpm.models import ConditionalUNet
 from latentddpm.pipelines import LatentDDPMPipeline
@@ -235,3 +236,29 @@ def test_evaluate_adds_the_clip_score_when_given_a_clip_model(model_path, tiny_c
     (row,) = evaluate(one_setting(model_path, tmp_path, steps=2, clip_model=str(tiny_clip)))["rows"]
     assert 0 <= row["clip_score"] <= 100
     assert (tmp_path / "plots" / "clip_score.png").is_file()
+
+
+# --- sampling for evaluation -----------------------------------------------------------------------------------------
+
+
+def test_generate_images_seeds_each_batch_with_a_cpu_generator_at_its_first_index(model_path):
+    pipeline = LatentDDPMPipeline.from_pretrained(model_path)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = shapes_prompts()[:3]
+    images = generate_images(pipeline, prompts, num_inference_steps=2, guidance_scale=3.0, seed=5, batch_size=2)
+
+    def direct(batch, seed, output_type="pt"):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipeline(batch, num_inference_steps=2, guidance_scale=3.0, generator=generator, output_type=output_type)
+
+    expected = torch.cat([direct(prompts[:2], 5).images, direct(prompts[2:], 7).images])
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    # as the pipeline's own 8-bit PIL output
+    pil = direct(prompts[:2], 5, output_type="pil").images
+    assert [image.tobytes() for image in to_pil(images[:2])] == [image.tobytes() for image in pil]
+
+
+@pytest.mark.parametrize("num_images, shape", [(1, (1, 1)), (4, (2, 2)), (5, (1, 5)), (64, (8, 8)), (90, (9, 10))])
+def test_grid_shape_is_the_most_square_grid_the_images_fill(num_images, shape):
+    assert grid_shape(num_images) == shape
