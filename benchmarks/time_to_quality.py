@@ -83,12 +83,12 @@ def train_stage1(args: argparse.Namespace, out: Path) -> tuple[str, dict]:
         vae = str(train_vae.main(["--config", str(config_path(vae_config)), "--output_dir", str(out / "vae"), *data]))
         timings["vae_minutes"] = (time.perf_counter() - start) / 60
     if args.task == "cifar10" and args.classifier is None:
-        from latentddpm.eval import features
+        from latentddpm.eval import train_classifier
 
         start = time.perf_counter()
         args.classifier = str(out / "classifier")
         steps = str(args.classifier_steps)
-        features.main(["--train-classifier", "--data", args.data, "--out", args.classifier, "--steps", steps])
+        train_classifier.main(["--dataset", args.data, "--output_dir", args.classifier, "--max_train_steps", steps])
         timings["classifier_minutes"] = (time.perf_counter() - start) / 60
         metrics = json.loads((Path(args.classifier) / "metrics.json").read_text())
         timings["classifier_heldout_accuracy"] = metrics["heldout_accuracy"]

@@ -52,9 +52,6 @@ class ShuffledStream:
             self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=generator)
         return self._perm
 
-    def epoch_of(self, micro_step: int) -> int:
-        return (micro_step * self.global_batch) // self.num_rows
-
     def indices(self, micro_step: int, process_index: int = 0) -> torch.Tensor:
         """Row indices, shape `(per_process,)`, of micro-batch `micro_step` on `process_index`."""
         start = micro_step * self.global_batch + process_index * self.per_process

@@ -1,64 +1,75 @@
-"""The `latentddpm` command line: `latentddpm COMMAND [ARGS]`; `latentddpm COMMAND --help` lists a command's ARGS.
+"""The `latentddpm` command line: `latentddpm COMMAND [--key value ...]`.
 
-Each command is a function of its own argument list, so a command may parse them its own way (the training
-commands read a YAML config plus `--key value` overrides).
+One convention for every command: `--key value` with underscores in the key, as in diffusers' training scripts
+(`--output_dir`, `--num_samples`); a dash in a key (`--num-samples`) is accepted as an alias. `latentddpm COMMAND
+--help` lists a command's keys. Each command is a function of its own argument list; the config-driven ones also read
+`--config FILE.yaml`.
 """
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    SchedulerMixin,
-    UniPCMultistepScheduler,
-)
 from diffusers.utils import make_image_grid
 
+from latentddpm.config import ConfigError
 from latentddpm.pipelines import LatentDDPMPipeline
-from latentddpm.schedulers import DDPMNoiseScheduler
-
-# Samplers for `sample --scheduler`, built from the saved scheduler's config (same betas, prediction type, ...).
-# `variance_type=None`: diffusers' DPM-Solver keeps only the first 3 channels of a learned-variance output (it was
-# written for pixel-space DeepFloyd IF); without it the pipeline hands DPM-Solver the prediction alone.
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
-    "ddpm": (DDPMNoiseScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "variance_type": None}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
+from latentddpm.runs import Preempted
+from latentddpm.schedulers import SAMPLER_NAMES, make_sampler
 
 
-def sample(argv: list[str]) -> None:
-    """`latentddpm sample`: images from a saved pipeline, as one grid with a row per prompt."""
-    parser = argparse.ArgumentParser(
-        prog="latentddpm sample",
-        description="Generate images with a saved LatentDDPMPipeline and write them as a grid (a row per prompt).",
-    )
+def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a command's `main(argv)` the way the command line reports its outcome.
+
+    A `ConfigError` (a bad key or value, found before any work) prints `error: <message>` on stderr and exits with
+    status 2, like argparse's usage errors, without a traceback: the message names the problem. `Preempted` (a
+    training loop saved a checkpoint on SIGTERM/SIGINT and stopped) exits with status 0, so a scheduler requeues
+    the job as done and `--resume_from_checkpoint latest` continues it. Any other exception is a bug or a broken
+    environment and keeps its traceback.
+    """
+    try:
+        main(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Preempted as preempted:
+        print(f"preempted: {preempted}", file=sys.stderr)
+        raise SystemExit(0) from None
+
+
+def _underscore_keys(argv: list[str]) -> list[str]:
+    """`--negative-prompt x` -> `--negative_prompt x`: a dash in a key is an alias for an underscore."""
+    keys = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, equals, value = arg[2:].partition("=")
+            arg = f"--{key.replace('-', '_')}{equals}{value}"
+        keys.append(arg)
+    return keys
+
+
+def sample(argv: list[str] | None) -> None:
+    """Generate images with a saved pipeline and write them as one grid, a row per prompt."""
+    parser = argparse.ArgumentParser(prog="latentddpm sample", description=sample.__doc__)
     parser.add_argument("--model", required=True, help="folder written by `save_pretrained`, or a Hub repo id")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
-    parser.add_argument("--negative-prompt", default=None, help="what guidance steers away from (default: '')")
+    parser.add_argument("--negative_prompt", default=None, help="what guidance steers away from (default: '')")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; <= 1 disables")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generator that draws all the noise")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (the grid's columns)")
-    parser.add_argument(
-        "--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the saved scheduler)"
-    )
+    parser.add_argument("--num_images", type=int, default=1, help="images per prompt (the grid's columns)")
+    parser.add_argument("--scheduler", choices=SAMPLER_NAMES, default=None, help="default: the saved scheduler")
     parser.add_argument("--height", type=int, default=None, help="default: the U-Net's training size")
     parser.add_argument("--width", type=int, default=None, help="default: the U-Net's training size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="where to write the PNG grid")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_underscore_keys(sys.argv[1:] if argv is None else argv))
 
     pipe = LatentDDPMPipeline.from_pretrained(args.model).to(args.device)
     if args.scheduler is not None:
-        scheduler_class, overrides = SCHEDULERS[args.scheduler]
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+        pipe.scheduler = make_sampler(args.scheduler, pipe.scheduler.config)
     images = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -74,50 +85,64 @@ def sample(argv: list[str]) -> None:
     print(f"wrote {len(images)} images to {args.out}")
 
 
-def train_vae(argv: list[str]) -> None:
-    """Stage 1, the autoencoder: `latentddpm train-vae --config configs/shapes_vae.yaml [--key value ...]`."""
+def train_vae(argv: list[str] | None) -> None:
+    """Stage 1: train the autoencoder (`--config shapes_vae.yaml`)."""
     from latentddpm.training import train_vae
 
     train_vae.main(argv)
 
 
-def train_ldm(argv: list[str]) -> None:
-    """Stage 2, the diffusion U-Net: `latentddpm train-ldm --config configs/shapes_ldm.yaml [--key value ...]`."""
+def train_ldm(argv: list[str] | None) -> None:
+    """Stage 2: train the text-conditioned U-Net on the VAE's latents (`--config shapes_ldm.yaml`)."""
     from latentddpm.training import train_ldm
 
     train_ldm.main(argv)
 
 
-def demo(argv: list[str]) -> None:
+def demo(argv: list[str] | None) -> None:
     """The offline demo: both stages on the shapes dataset, then sampling and scoring."""
     from latentddpm.training import demo
 
     demo.main(argv)
 
 
-def evaluate(argv: list[str]) -> None:
-    """Metric sweeps over guidance scales, step counts and schedulers, with plots and an HTML report."""
+def evaluate(argv: list[str] | None) -> None:
+    """Sweep schedulers x steps x guidance scales: metrics, plots, sample grids and an HTML report."""
     from latentddpm.eval import sweep
 
     sweep.main(argv)
 
 
-# command name -> function of the command's arguments
-COMMANDS: dict[str, Callable[[list[str]], None]] = {
+def train_classifier(argv: list[str] | None) -> None:
+    """Train the reference classifier whose features stand in for Inception-v3 in FID/KID."""
+    from latentddpm.eval import train_classifier
+
+    train_classifier.main(argv)
+
+
+# command name -> function of the command's arguments; the first line of its docstring is its `--help` line
+COMMANDS: dict[str, Callable[[list[str] | None], object]] = {
     "sample": sample,
     "train-vae": train_vae,
     "train-ldm": train_ldm,
     "demo": demo,
     "evaluate": evaluate,
+    "train-classifier": train_classifier,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="latentddpm", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=list(COMMANDS), help="what to run")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments (see COMMAND --help)")
+    commands = "\n".join(f"  {name:<18}{command.__doc__.splitlines()[0]}" for name, command in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="latentddpm",
+        description=__doc__,
+        epilog=f"commands:\n{commands}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of the commands below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's arguments (`COMMAND --help`)")
     args = parser.parse_args(argv)
-    COMMANDS[args.command](args.args)
+    run_main(COMMANDS[args.command], args.args)
 
 
 if __name__ == "__main__":

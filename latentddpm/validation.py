@@ -8,21 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from diffusers.utils import make_image_grid
 
 from .batching import step_generator
+from .eval.sampling import grid_shape
+from .eval.shapes_judge import score_shapes_prompts
 from .losses import Objective, training_loss
-
-
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile equally sized PIL images into one grid, row by row."""
-    cols = cols or int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / cols))
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 @torch.no_grad()
@@ -48,28 +39,6 @@ def validation_loss(
     hidden, mask = (t.to(device) for t in (text or cache.text)(caption_ids))
     loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator)
     return loss.item()
-
-
-@torch.no_grad()
-def score_shapes_prompts(
-    pipeline, num_inference_steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 30
-) -> tuple[dict[str, float], list[Image.Image]]:
-    """Generate one image for each of the 90 shapes prompts and score them with the pixel judge."""
-    from .data.shapes import shapes_prompts
-    from .eval.shapes_judge import score_shapes
-
-    prompts = shapes_prompts()
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        generator = torch.Generator().manual_seed(seed + start)
-        images += pipeline(
-            prompts[start : start + batch_size],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type="pil",
-        ).images
-    return score_shapes(images, prompts), images
 
 
 @contextlib.contextmanager
@@ -115,7 +84,7 @@ def run_validation(
                 guidance_scale=config.validation_guidance_scale,
                 generator=torch.Generator().manual_seed(config.seed),
             ).images
-            grid = image_grid(images)
+            grid = make_image_grid(images, *grid_shape(len(images)))
             grid.save(out_dir / f"step-{step}.png")
             metrics["grid"] = grid
             for tracker in accelerator.trackers:
@@ -127,7 +96,7 @@ def run_validation(
             scores, shape_images = score_shapes_prompts(
                 pipeline, config.validation_inference_steps, config.validation_guidance_scale, seed=config.seed
             )
-            image_grid(shape_images, cols=15).save(out_dir / f"shapes-step-{step}.png")
+            make_image_grid(shape_images, rows=6, cols=15).save(out_dir / f"shapes-step-{step}.png")
             metrics.update({f"shapes_{k}": v for k, v in scores.items()})
 
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -151,7 +120,8 @@ def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline
         for the model-level ones such as VAE reconstruction), on the main process; `{}` elsewhere.
     """
     from .config import parse_config
-    from .eval.sweep import METRICS, EvaluateConfig, evaluate
+    from .eval.report import METRICS
+    from .eval.sweep import EvaluateConfig, evaluate
 
     metrics: dict = {}
     if accelerator.is_main_process:

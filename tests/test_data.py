@@ -12,13 +12,11 @@ from PIL import Image
 
 from latentddpm.data import (
     ImageTransform,
-    collate_fn,
     decode_rgb,
     load_image_caption_dataset,
     load_rgb,
     pick_caption,
     prepare_image_dataset,
-    with_transform,
 )
 
 CIFAR10 = Path(__file__).parents[2] / "shared/datasets/cifar10/train.parquet"
@@ -151,15 +149,10 @@ def test_prepare_image_dataset_skips_bad_rows_with_counts(image_folder, tmp_path
     assert str(report) in caplog.text
     kept = sorted(f"caption of {name}" for name, (_, expected) in files.items() if expected == "ok")
     assert sorted(prepared["text"]) == kept
-    # Every kept row now decodes and transforms; a DataLoader runs through all of them.
-    loader = torch.utils.data.DataLoader(
-        with_transform(prepared, ImageTransform(16)), batch_size=3, collate_fn=collate_fn
-    )
-    batches = list(loader)
-    assert [len(batch["captions"]) for batch in batches] == [3, 3, 1]
-    for batch in batches:
-        assert batch["pixel_values"].shape[1:] == (3, 16, 16) and batch["pixel_values"].dtype == torch.float32
-        assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    # Every kept row now decodes and transforms.
+    pixels = torch.stack([ImageTransform(16)(row["image"]) for row in prepared])
+    assert pixels.shape == (7, 3, 16, 16) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1
 
 
 def test_prepare_image_dataset_raises_when_nothing_is_usable():
@@ -223,16 +216,6 @@ def test_pick_caption_draws_from_lists_with_the_generator():
         pick_caption([])
 
 
-def test_with_transform_batches_pixel_values_and_list_captions():
-    images = [encode(random_rgb(20, 20, seed), "PNG") for seed in range(4)]
-    features = Features({"image": ImageFeature(), "text": [Value("string")]})
-    dataset = Dataset.from_dict({"image": images, "text": [["x", "y"]] * 4}, features=features)
-    transformed = with_transform(dataset, ImageTransform(8), generator=torch.Generator().manual_seed(0))
-    batch = collate_fn([transformed[i] for i in range(4)])
-    assert batch["pixel_values"].shape == (4, 3, 8, 8)
-    assert set(batch["captions"]) <= {"x", "y"} and len(batch["captions"]) == 4
-
-
 def test_load_shapes_source_and_its_argument_checks():
     dataset = load_image_caption_dataset("shapes", num_images=12, size=16, seed=2, max_train_samples=5)
     assert len(dataset) == 5 and dataset[0]["image"].size == (16, 16)
@@ -287,8 +270,8 @@ def test_cifar10_parquet_loads_prepares_and_transforms(tmp_path):
     assert len(dataset) == 64
     prepared, report = prepare_image_dataset(dataset, "image", min_size=32)
     assert report.skipped == 0 and len(prepared) == 64
-    batch = collate_fn([example for example in with_transform(prepared, ImageTransform(32))])
-    assert batch["pixel_values"].shape == (64, 3, 32, 32)
+    pixels = torch.stack([ImageTransform(32)(row["image"]) for row in prepared])
+    assert pixels.shape == (64, 3, 32, 32)
     # Real photos use most of the range, unlike a constant or garbled decode.
-    assert batch["pixel_values"].min() < -0.9 and batch["pixel_values"].max() > 0.9
-    assert all(caption.startswith("a photo of a") for caption in batch["captions"])
+    assert pixels.min() < -0.9 and pixels.max() > 0.9
+    assert all(pick_caption(caption).startswith("a photo of a") for caption in prepared["text"])

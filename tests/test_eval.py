@@ -10,18 +10,17 @@ import torch
 from datasets import ClassLabel
 from diffusers import AutoencoderKL
 
+from latentddpm.config import ConfigError
 from latentddpm.data import COLORS, make_shapes_dataset
+from latentddpm.eval.classifier import ReferenceClassifier, caption_labels
 from latentddpm.eval.curves import load_scalars, plot_training_curves
 from latentddpm.eval.features import (
     CLASSIFIER_DESCRIPTION,
     ClassifierFeatureExtractor,
     FeatureExtractor,
-    ReferenceClassifier,
-    caption_labels,
     find_inception_weights,
     iter_pixel_batches,
     load_feature_extractor,
-    train_reference_classifier,
 )
 from latentddpm.eval.fid import (
     FeatureStatistics,
@@ -33,6 +32,7 @@ from latentddpm.eval.fid import (
 )
 from latentddpm.eval.likelihood import latent_bits_per_dim
 from latentddpm.eval.reconstruction import evaluate_reconstruction, gaussian_window, psnr, ssim
+from latentddpm.eval.train_classifier import TrainClassifierConfig, train_reference_classifier
 from latentddpm.latents import encode_images
 from latentddpm.schedulers import DDPMNoiseScheduler
 
@@ -341,17 +341,17 @@ def colors_dataset(num_images: int, size: int = 16):
 
 def test_train_reference_classifier_learns_colours_and_saves(tmp_path):
     dataset = colors_dataset(240)
-    classifier, metrics = train_reference_classifier(
-        dataset,
-        tmp_path,
+    config = TrainClassifierConfig(
+        output_dir=str(tmp_path),
         resolution=16,
-        num_steps=120,
-        batch_size=32,
+        max_train_steps=120,
+        train_batch_size=32,
         learning_rate=5e-3,
         num_heldout=60,
         block_out_channels=(8, 16),
         feature_dim=16,
     )
+    classifier, metrics = train_reference_classifier(dataset, config)
     assert metrics["steps"] == 120 and metrics["num_train"] == 180 and metrics["num_heldout"] == 60
     assert metrics["heldout_accuracy"] > 0.8  # chance is 1 / 6
     assert (tmp_path / "metrics.json").is_file()
@@ -362,9 +362,12 @@ def test_train_reference_classifier_learns_colours_and_saves(tmp_path):
         torch.testing.assert_close(loaded.eval()(images), classifier(images))
 
 
-def test_train_reference_classifier_rejects_a_dataset_without_class_labels():
-    with pytest.raises(ValueError, match="'label' must be a ClassLabel column"):
-        train_reference_classifier(make_shapes_dataset(10, size=16))
+def test_train_reference_classifier_rejects_a_dataset_without_class_labels_or_too_few_rows(tmp_path):
+    with pytest.raises(ConfigError, match="'label_column': 'label' must be a ClassLabel column"):
+        train_reference_classifier(make_shapes_dataset(10, size=16), TrainClassifierConfig(output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="'num_heldout' must be at most half the dataset \\(5\\), got 6"):
+        train_reference_classifier(colors_dataset(10), TrainClassifierConfig(num_heldout=6, output_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(not os.path.exists(CIFAR), reason="CIFAR-10 is not in ../shared/datasets")
@@ -373,9 +376,15 @@ def test_train_reference_classifier_runs_on_cifar10(tmp_path):
 
     dataset = load_image_caption_dataset(CIFAR)
     dataset = dataset.select(np.random.default_rng(0).choice(len(dataset), 300, replace=False).tolist())
-    classifier, metrics = train_reference_classifier(
-        dataset, tmp_path, num_steps=5, batch_size=32, num_heldout=50, block_out_channels=(8, 16), feature_dim=16
+    config = TrainClassifierConfig(
+        output_dir=str(tmp_path),
+        max_train_steps=5,
+        train_batch_size=32,
+        num_heldout=50,
+        block_out_channels=(8, 16),
+        feature_dim=16,
     )
+    classifier, metrics = train_reference_classifier(dataset, config)
     assert metrics["steps"] == 5 and 0 <= metrics["heldout_accuracy"] <= 1
     loaded = ClassifierFeatureExtractor(tmp_path)
     assert loaded.classifier.config.class_names[0] == "airplane" and loaded.classifier.config.resolution == 32

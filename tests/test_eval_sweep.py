@@ -16,9 +16,11 @@ from transformers import AutoTokenizer, BertConfig, BertModel, CLIPConfig, CLIPI
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from latentddpm.config import ConfigError
-from latentddpm.data import COLORS, make_shapes_dataset
+from latentddpm.data import COLORS, make_shapes_dataset, shapes_prompts
+from latentddpm.eval import train_classifier
 from latentddpm.eval.clip_score import CLIPScorer
-from latentddpm.eval.features import CLASSIFIER_DESCRIPTION, train_reference_classifier
+from latentddpm.eval.features import CLASSIFIER_DESCRIPTION
+from latentddpm.eval.sampling import generate_images, grid_shape, to_pil
 from latentddpm.eval.sweep import EvaluateConfig, evaluate, main
 from latentddpm.models import ConditionalUNet
 from latentddpm.pipelines import LatentDDPMPipeline
@@ -26,7 +28,7 @@ from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path
 
 UNET_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "unet" / "tiny.json"
-SWEEP = ["--guidance", "1,3", "--steps", "2,3", "--schedulers", "ddpm,ddim", "--num-samples", "4", "--seed", "0"]
+SWEEP = ["--guidance", "1,3", "--steps", "2,3", "--schedulers", "ddpm,ddim", "--num_samples", "4", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,8 @@ def shapes_run(model_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval-shapes")
     main(
         ["--model", str(model_path), "--data", "shapes", *SWEEP, "--out", str(out), "--features", "none"]
-        + ["--shapes-num-images", "8", "--reconstruction-samples", "4"]
-        + ["--likelihood-samples", "2", "--likelihood-stride", "250"]
+        + ["--shapes_num_images", "8", "--reconstruction_samples", "4"]
+        + ["--likelihood_samples", "2", "--likelihood_stride", "250"]
     )
     return out
 
@@ -142,21 +144,12 @@ def colors_parquet(path: Path) -> Path:
 
 def test_evaluate_on_class_captioned_data_reports_class_accuracy_and_labelled_fid_kid(model_path, tmp_path):
     data = colors_parquet(tmp_path / "colors.parquet")
-    from latentddpm.data import load_image_caption_dataset
-
-    train_reference_classifier(
-        load_image_caption_dataset(str(data)),
-        tmp_path / "classifier",
-        resolution=16,
-        num_steps=3,
-        batch_size=8,
-        num_heldout=10,
-        block_out_channels=(8, 16),
-        feature_dim=8,
-    )
+    classifier = ["--dataset", str(data), "--output_dir", str(tmp_path / "classifier"), "--resolution", "16"]
+    classifier += ["--max_train_steps", "3", "--train_batch_size", "8", "--num_heldout", "10"]
+    train_classifier.main(classifier + ["--block_out_channels", "8,16", "--feature_dim", "8"])
     args = ["--model", str(model_path), "--data", str(data), "--guidance", "1,3", "--steps", "2"]
-    args += ["--schedulers", "ddpm", "--num-samples", "6", "--classifier", str(tmp_path / "classifier")]
-    args += ["--cache-dir", str(tmp_path / "cache"), "--reconstruction-samples", "0", "--out", str(tmp_path / "out")]
+    args += ["--schedulers", "ddpm", "--num_samples", "6", "--classifier", str(tmp_path / "classifier")]
+    args += ["--cache_dir", str(tmp_path / "cache"), "--reconstruction_samples", "0", "--out", str(tmp_path / "out")]
     main(args)
 
     results = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -176,7 +169,7 @@ def test_evaluate_on_class_captioned_data_reports_class_accuracy_and_labelled_fi
     [
         (["--schedulers", "ddpm,heun"], r"'schedulers' has \['heun'\]"),
         (["--steps", "0"], "'steps' must be positive"),
-        (["--num-samples", "0"], "'num_samples' must be a positive integer"),
+        (["--num-samples", "0"], "'num_samples' must be a positive integer"),  # a dash alias
         (["--guidanse", "2"], "Did you mean 'guidance'"),
     ],
 )
@@ -243,3 +236,29 @@ def test_evaluate_adds_the_clip_score_when_given_a_clip_model(model_path, tiny_c
     (row,) = evaluate(one_setting(model_path, tmp_path, steps=2, clip_model=str(tiny_clip)))["rows"]
     assert 0 <= row["clip_score"] <= 100
     assert (tmp_path / "plots" / "clip_score.png").is_file()
+
+
+# --- sampling for evaluation -----------------------------------------------------------------------------------------
+
+
+def test_generate_images_seeds_each_batch_with_a_cpu_generator_at_its_first_index(model_path):
+    pipeline = LatentDDPMPipeline.from_pretrained(model_path)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = shapes_prompts()[:3]
+    images = generate_images(pipeline, prompts, num_inference_steps=2, guidance_scale=3.0, seed=5, batch_size=2)
+
+    def direct(batch, seed, output_type="pt"):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipeline(batch, num_inference_steps=2, guidance_scale=3.0, generator=generator, output_type=output_type)
+
+    expected = torch.cat([direct(prompts[:2], 5).images, direct(prompts[2:], 7).images])
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+    # as the pipeline's own 8-bit PIL output
+    pil = direct(prompts[:2], 5, output_type="pil").images
+    assert [image.tobytes() for image in to_pil(images[:2])] == [image.tobytes() for image in pil]
+
+
+@pytest.mark.parametrize("num_images, shape", [(1, (1, 1)), (4, (2, 2)), (5, (1, 5)), (64, (8, 8)), (90, (9, 10))])
+def test_grid_shape_is_the_most_square_grid_the_images_fill(num_images, shape):
+    assert grid_shape(num_images) == shape

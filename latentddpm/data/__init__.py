@@ -15,7 +15,7 @@ from .shapes import (
     shapes_prompts,
 )
 from .sources import load_image_caption_dataset
-from .transforms import ImageTransform, collate_fn, pick_caption, with_transform
+from .transforms import ImageTransform, pick_caption
 
 __all__ = [
     "COLORS",
@@ -24,7 +24,6 @@ __all__ = [
     "SHAPES",
     "ImageReport",
     "ImageTransform",
-    "collate_fn",
     "decode_rgb",
     "load_image_caption_dataset",
     "load_rgb",
@@ -37,5 +36,4 @@ __all__ = [
     "shapes_caption",
     "shapes_combinations",
     "shapes_prompts",
-    "with_transform",
 ]

@@ -34,7 +34,7 @@ def load_image_caption_dataset(
             `"shapes"`.
         image_column (`str`, defaults to `"image"`): Column holding the images.
         caption_column (`str`, defaults to `"text"`): Column holding the caption of each image, or a list of
-            captions (one is drawn per use by `with_transform`).
+            captions (one is drawn per use by `pick_caption`).
         max_train_samples (`int`, *optional*): Keep only the first this many rows (for quick runs and debugging).
         data_files (`str` or `list` or `dict`, *optional*): Passed to `datasets.load_dataset` for Hub and folder
             sources, to pick files inside them.

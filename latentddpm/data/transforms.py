@@ -5,7 +5,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from PIL import Image
 
 from .images import load_rgb
@@ -77,44 +76,3 @@ def pick_caption(caption: str | Sequence[str], generator: torch.Generator | None
     if isinstance(caption, Sequence) and len(caption) > 0 and all(isinstance(c, str) for c in caption):
         return caption[int(torch.randint(0, len(caption), (), generator=generator))]
     raise ValueError(f"A caption must be a string or a non-empty list of strings, got {caption!r}.")
-
-
-def with_transform(
-    dataset: Dataset,
-    transform: ImageTransform,
-    image_column: str = "image",
-    caption_column: str = "text",
-    generator: torch.Generator | None = None,
-) -> Dataset:
-    """Makes `dataset[i]` return `{"pixel_values": (3, H, W) tensor, "caption": str}`, decoded on the fly.
-
-    Run `prepare_image_dataset` first: it drops the images `load_rgb` cannot decode, which would raise here.
-
-    Args:
-        dataset (`datasets.Dataset`): Rows with `image_column` and `caption_column`.
-        transform (`ImageTransform`): Applied to every decoded image.
-        image_column (`str`, defaults to `"image"`): Column holding the images.
-        caption_column (`str`, defaults to `"text"`): Column holding a caption or a list of captions per row.
-        generator (`torch.Generator`, *optional*): Source of random crops, flips and caption picks, for runs that
-            load in the main process (`num_workers=0`); workers would each copy it, so leave it unset with workers.
-
-    Returns:
-        The dataset with the transform attached (`datasets.Dataset.with_transform`); use `collate_fn` to batch it.
-    """
-
-    def preprocess(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return {
-            "pixel_values": [transform(image, generator=generator) for image in batch[image_column]],
-            "caption": [pick_caption(caption, generator=generator) for caption in batch[caption_column]],
-        }
-
-    return dataset.with_transform(preprocess)
-
-
-def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | list[str]]:
-    """Batches examples of `with_transform`: `pixel_values` (B, 3, H, W) float32 and `captions` (list of B str)."""
-    pixel_values = torch.stack([example["pixel_values"] for example in examples])
-    return {
-        "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
-        "captions": [example["caption"] for example in examples],
-    }

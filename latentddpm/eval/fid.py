@@ -13,7 +13,6 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    # only for annotations: `python -m latentddpm.eval.features` must not find that module imported by the package
-    from .features import FeatureExtractor
+from .features import FeatureExtractor
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +196,7 @@ def kernel_inception_distance(
 
 @torch.no_grad()
 def compute_statistics(
-    extractor: "FeatureExtractor",
+    extractor: FeatureExtractor,
     batches: Iterable[torch.Tensor],
     max_kept_features: int = 10_000,
     total: int | None = None,
@@ -221,7 +218,7 @@ def compute_statistics(
 
 
 def reference_statistics(
-    extractor: "FeatureExtractor",
+    extractor: FeatureExtractor,
     batches: Callable[[], Iterable[torch.Tensor]],
     fingerprint: str,
     cache_dir: str | Path,

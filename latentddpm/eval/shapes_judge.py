@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.shapes import COLORS, POSITIONS, SHAPES, parse_shapes_caption, shape_coverage
+from ..data.shapes import COLORS, POSITIONS, SHAPES, parse_shapes_caption, shape_coverage, shapes_prompts
+from .sampling import generate_images, to_pil
 
 # Images larger than this are box-downsampled first: the rules are scale-free and this bounds the cost.
 WORKING_SIZE = 64
@@ -110,6 +111,21 @@ def score_shapes(images: Sequence[ImageLike] | np.ndarray | torch.Tensor, prompt
         "all_acc": float(hits.all(axis=1).mean()),
         "n": len(prompts),
     }
+
+
+def score_shapes_prompts(
+    pipeline, num_inference_steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 30
+) -> tuple[dict[str, float], list[Image.Image]]:
+    """Sample one image for each of the 90 `shapes_prompts()` with `generate_images` and score them.
+
+    The judge reads the 8-bit PIL images, as a user of the pipeline sees them.
+
+    Returns:
+        `(scores, images)`: what `score_shapes` returns, and the images in prompt order.
+    """
+    prompts = shapes_prompts()
+    images = to_pil(generate_images(pipeline, prompts, num_inference_steps, guidance_scale, seed, batch_size))
+    return score_shapes(images, prompts), images
 
 
 def _to_float_rgb(image: ImageLike) -> np.ndarray:

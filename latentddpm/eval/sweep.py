@@ -4,10 +4,10 @@ write a table (CSV, JSON), plots, sample grids and one self-contained HTML repor
 Usage:
 
     latentddpm evaluate --model outputs/ldm/pipeline --data shapes --guidance 1,2,3,5 --steps 10,20,50 \
-        --schedulers ddpm,ddim,dpmsolver++ --num-samples 90 --seed 0 --out outputs/eval
+        --schedulers ddpm,ddim,dpmsolver++ --num_samples 90 --seed 0 --out outputs/eval
 
     latentddpm evaluate --model outputs/cifar/pipeline --data ../shared/datasets/cifar10/train.parquet \
-        --classifier outputs/cifar_classifier --num-samples 500 --out outputs/eval-cifar
+        --classifier outputs/cifar_classifier --num_samples 500 --out outputs/eval-cifar
 
 Keys can also come from a YAML file (`--config eval.yaml`); `latentddpm evaluate --help` lists them all.
 
@@ -24,10 +24,7 @@ Every setting draws the same initial noise (the generator of each batch is seede
 differences between settings come from the settings and not from the draw; a seed gives the same numbers every run.
 """
 
-import base64
-import csv
 import dataclasses
-import html
 import json
 import logging
 import os
@@ -40,37 +37,27 @@ from typing import Literal
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
-from diffusers.image_processor import VaeImageProcessor
-from matplotlib.figure import Figure
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, parse_config, save_config
 from ..data.shapes import shapes_prompts
 from ..data.sources import load_image_caption_dataset
 from ..data.transforms import pick_caption
-from ..validation import image_grid
+from ..pipelines import LatentDDPMPipeline
+from ..schedulers import SAMPLER_NAMES, make_sampler
+from .classifier import caption_labels
 from .clip_score import CLIPScorer
 from .curves import plot_training_curves
-from .features import ClassifierFeatureExtractor, caption_labels, iter_pixel_batches, load_feature_extractor
+from .features import ClassifierFeatureExtractor, iter_pixel_batches, load_feature_extractor
 from .fid import compute_statistics, fid_from_statistics, kernel_inception_distance, reference_statistics
 from .likelihood import evaluate_likelihood
 from .reconstruction import evaluate_reconstruction
+from .report import METRICS, plot_metric, write_csv, write_report
+from .sampling import generate_images, grid_shape, to_pil
 from .shapes_judge import score_shapes
 
 logger = logging.getLogger(__name__)
-
-# metric -> (what it is, whether higher is better); the order of the table's and the report's columns
-METRICS: dict[str, tuple[str, bool]] = {
-    "all_acc": ("shapes judge: colour, shape and position all right", True),
-    "color_acc": ("shapes judge: colour right", True),
-    "shape_acc": ("shapes judge: shape right", True),
-    "position_acc": ("shapes judge: position right", True),
-    "class_acc": ("reference classifier: prompted class recognised", True),
-    "clip_score": ("CLIP score: 100 x cosine of image and prompt embeddings", True),
-    "fid": ("FID", False),
-    "kid": ("KID (unbiased, x1000 is the usual unit)", False),
-    "seconds_per_image": ("seconds per image", False),
-}
 
 
 @dataclasses.dataclass
@@ -93,7 +80,7 @@ class EvaluateConfig:
     features: Literal["auto", "inception", "classifier", "none"] = "auto"  # FID/KID features; auto: Inception
     # when its weights are found, else the classifier when given, else no FID/KID
     inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)
-    classifier: str | None = None  # folder of a ReferenceClassifier (`python -m latentddpm.eval.features`)
+    classifier: str | None = None  # folder of a ReferenceClassifier (`latentddpm train-classifier`)
     clip_model: str | None = None  # a CLIPModel folder with its tokenizer and image processor: adds "clip_score"
     num_reference: int = 10000  # reference images for the FID/KID statistics
     shapes_num_images: int = 2000  # shapes data: images generated as the reference set (seed 10000 + seed)
@@ -107,13 +94,11 @@ class EvaluateConfig:
     device: str | None = None  # default: cuda when available, else cpu
 
     def validate(self) -> None:
-        from ..cli import SCHEDULERS  # here, not at the top: the command line imports this module
-
         if not self.model:
             raise ConfigError("Config key 'model' is required: the folder of a saved LatentDDPMPipeline.")
-        unknown = [name for name in self.schedulers if name not in SCHEDULERS]
+        unknown = [name for name in self.schedulers if name not in SAMPLER_NAMES]
         if unknown or not self.schedulers:
-            raise ConfigError(f"Config key 'schedulers' has {unknown or 'none'}; choose from {sorted(SCHEDULERS)}.")
+            raise ConfigError(f"Config key 'schedulers' has {unknown or 'none'}; choose from {sorted(SAMPLER_NAMES)}.")
         for key in ("guidance", "steps"):
             if not getattr(self, key):
                 raise ConfigError(f"Config key '{key}' needs at least one value.")
@@ -148,9 +133,6 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
         `dict`: what `metrics.json` holds (`config`, `machine`, `features`, `model_metrics`, `rows`) plus the paths
         of the outputs.
     """
-    from ..cli import SCHEDULERS
-    from ..pipelines import LatentDDPMPipeline
-
     out = Path(config.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(exist_ok=True)
@@ -220,10 +202,9 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
     settings = [(s, n, g) for s in config.schedulers for n in config.steps for g in config.guidance]
     table = []
     for scheduler_name, num_steps, guidance in tqdm(settings, desc="settings"):
-        scheduler_class, overrides = SCHEDULERS[scheduler_name]
-        pipeline.scheduler = scheduler_class.from_config(base_scheduler.config, **overrides)
+        pipeline.scheduler = make_sampler(scheduler_name, base_scheduler.config)
         start = time.perf_counter()
-        images = generate(pipeline, prompts, num_steps, guidance, config.seed, config.batch_size)
+        images = generate_images(pipeline, prompts, num_steps, guidance, config.seed, config.batch_size)
         row = {"scheduler": scheduler_name, "steps": num_steps, "guidance": guidance}
         row["seconds_per_image"] = (time.perf_counter() - start) / len(images)
         if kind == "shapes":
@@ -240,7 +221,8 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
                 generated.features, reference.features, seed=config.seed
             )
         grid_path = out / "grids" / f"{scheduler_name}-steps{num_steps}-cfg{guidance:g}.png"
-        _grid(images[: config.grid_images]).save(grid_path)
+        grid_images = to_pil(images[: config.grid_images])
+        make_image_grid(grid_images, *grid_shape(len(grid_images))).save(grid_path)
         row["grid"] = str(grid_path.relative_to(out))
         table.append(row)
         logger.info(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -257,38 +239,12 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
         "rows": table,
     }
     metric_names = [m for m in METRICS if any(m in row for row in table)]
-    _write_csv(out / "metrics.csv", table)
+    write_csv(out / "metrics.csv", table)
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots = {m: _plot_metric(table, m, config, results["features"], out / "plots" / f"{m}.png") for m in metric_names}
+    plots = {m: plot_metric(results, m, out / "plots" / f"{m}.png") for m in metric_names}
     curves = plot_training_curves(config.logs, out / "plots" / "training_curves.png") if config.logs else None
-    report = _write_report(out / "report.html", results, metric_names, plots, curves)
+    report = write_report(out / "report.html", results, metric_names, plots, curves)
     return results | {"report": str(report), "csv": str(out / "metrics.csv"), "json": str(out / "metrics.json")}
-
-
-@torch.no_grad()
-def generate(
-    pipeline, prompts: list[str], num_steps: int, guidance: float, seed: int, batch_size: int
-) -> torch.Tensor:
-    """Sample one image per prompt, in batches whose generators are seeded with `seed + index of the first prompt`.
-
-    Returns:
-        `torch.Tensor` of shape `(N, 3, H, W)`: images in `[0, 1]`, on the CPU.
-    """
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        generator = torch.Generator(pipeline.device).manual_seed(seed + start)
-        images.append(
-            pipeline(
-                prompts[start : start + batch_size],
-                num_inference_steps=num_steps,
-                guidance_scale=guidance,
-                generator=generator,
-                output_type="pt",
-            )
-            .images.float()
-            .cpu()
-        )
-    return torch.cat(images)
 
 
 def _load_data(config: EvaluateConfig, resolution: int) -> Dataset:
@@ -336,137 +292,3 @@ def _machine(device: str) -> dict[str, str | int]:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
-
-
-def _grid(images: torch.Tensor):
-    return image_grid(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images)))
-
-
-def _write_csv(path: Path, table: list[dict]) -> None:
-    fields = list(dict.fromkeys(key for row in table for key in row))
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(table)
-
-
-def _plot_metric(table: list[dict], metric: str, config: EvaluateConfig, features: str | None, path: Path) -> Path:
-    """Two panels: the metric against the guidance scale (a line per scheduler and step count) and against the step
-    count (a line per scheduler and guidance scale). Colour marks the scheduler; the line is more opaque for more
-    steps or stronger guidance."""
-    figure = Figure(figsize=(11, 4))
-    by_guidance, by_steps = figure.subplots(1, 2)
-    colors = {name: f"C{i}" for i, name in enumerate(config.schedulers)}
-    values = {(row["scheduler"], row["steps"], row["guidance"]): row.get(metric) for row in table}
-    for scheduler in config.schedulers:
-        for i, steps in enumerate(config.steps):
-            ys = [values[(scheduler, steps, g)] for g in config.guidance]
-            alpha = 0.35 + 0.65 * (i + 1) / len(config.steps)
-            label = f"{scheduler}, {steps} steps"
-            by_guidance.plot(config.guidance, ys, "o-", color=colors[scheduler], alpha=alpha, label=label)
-        for i, guidance in enumerate(config.guidance):
-            ys = [values[(scheduler, n, guidance)] for n in config.steps]
-            alpha = 0.35 + 0.65 * (i + 1) / len(config.guidance)
-            label = f"{scheduler}, cfg {guidance:g}"
-            by_steps.plot(config.steps, ys, "o-", color=colors[scheduler], alpha=alpha, label=label)
-    title, _ = METRICS[metric]
-    if metric in ("fid", "kid") and features:
-        title = f"{title} on {features}"
-    for axis, xlabel in ((by_guidance, "guidance scale"), (by_steps, "denoising steps")):
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(metric)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6, ncol=2)
-    by_steps.set_xscale("log")
-    by_steps.minorticks_off()
-    by_steps.set_xticks(config.steps, [str(n) for n in config.steps])
-    figure.suptitle(f"{title} ({config.num_samples} samples per point, seed {config.seed})", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
-
-
-def _image_tag(path: Path, alt: str, width: int | None = None) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    style = f' style="width:{width}px"' if width else ""
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{style}>'
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
-
-
-def _write_report(path: Path, results: dict, metrics: list[str], plots: dict, curves: Path | None) -> Path:
-    """One HTML file with every image embedded (base64), readable offline and easy to share."""
-    config, rows = results["config"], results["rows"]
-    columns = ["scheduler", "steps", "guidance", *metrics] + (["kid_std"] if "kid" in metrics else [])
-    best = {}
-    for metric in metrics:
-        values = [row[metric] for row in rows if metric in row]
-        best[metric] = max(values) if METRICS[metric][1] else min(values)
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = ""
-    for row in rows:
-        cells = ""
-        for column in columns:
-            value = row.get(column, "")
-            bold = column in best and value == best[column]
-            cells += f"<td>{'<b>' if bold else ''}{_format(value)}{'</b>' if bold else ''}</td>"
-        body += f"<tr>{cells}</tr>\n"
-
-    features = results["features"]
-    if features is None:
-        features_note = "<p>No feature network: FID and KID were not computed (see <code>--features</code>).</p>"
-    else:
-        warn = ' class="warn"' if "not comparable" in features else ""
-        features_note = (
-            f"<p{warn}>FID/KID features: <b>{html.escape(features)}</b>; reference: {results['num_reference']} "
-            f"images of <code>{html.escape(config['data'])}</code>, generated: {config['num_samples']} per setting."
-            "</p>"
-        )
-    model_sections = ""
-    for name, values in results["model_metrics"].items():
-        items = "".join(f"<tr><th>{html.escape(k)}</th><td>{_format(v)}</td></tr>" for k, v in values.items())
-        model_sections += f"<h3>{html.escape(name)}</h3><table>{items}</table>"
-    plot_tags = "".join(f"<h3>{html.escape(METRICS[m][0])}</h3>{_image_tag(p, m)}" for m, p in plots.items())
-    curves_tag = f"<h2>Training curves</h2>{_image_tag(curves, 'training curves')}" if curves else ""
-    grids = ""
-    for row in rows:
-        scores = ", ".join(f"{m} {_format(row[m])}" for m in metrics if m in row)
-        title = f"{row['scheduler']}, {row['steps']} steps, guidance {row['guidance']:g}"
-        grids += (
-            f"<figure>{_image_tag(path.parent / row['grid'], title, width=256)}"
-            f"<figcaption><b>{html.escape(title)}</b><br>{html.escape(scores)}</figcaption></figure>"
-        )
-    machine = ", ".join(f"{k}: {v}" for k, v in results["machine"].items())
-    document = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>latentddpm evaluation: {html.escape(config["model"])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-.warn {{ background: #fff3cd; padding: 0.5em; border-left: 4px solid #e0a800; }}
-figure {{ display: inline-block; margin: 0.5em; vertical-align: top; width: 260px; font-size: 0.8em; }}
-figure img, h3 + img {{ image-rendering: pixelated; max-width: 100%; }}
-</style></head><body>
-<h1>Evaluation of <code>{html.escape(config["model"])}</code></h1>
-<p>Data: <code>{html.escape(config["data"])}</code> ({results["data_kind"]}); seed {config["seed"]};
-{config["num_samples"]} samples per setting. Machine: {html.escape(machine)}.</p>
-{features_note}
-<h2>Model</h2>{model_sections or "<p>No model-level metrics requested.</p>"}
-<h2>Metrics per setting</h2><p>Best value of each column in bold.</p>
-<table><tr>{header}</tr>
-{body}</table>
-<h2>Plots</h2>{plot_tags}
-{curves_tag}
-<h2>Samples</h2>{grids}
-</body></html>
-"""
-    path.write_text(document)
-    return path
-
-
-if __name__ == "__main__":
-    main()
