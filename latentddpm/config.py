@@ -251,7 +251,8 @@ def parse_config(cls: type[ConfigT], argv: list[str] | None = None) -> ConfigT:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        raise SystemExit(config_help(cls))
+        print(config_help(cls))
+        raise SystemExit(0)
     types_ = _field_types(cls)
     values: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
@@ -307,7 +308,9 @@ def config_help(cls: type) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         allowed = f", {_RANGES[f.metadata['range']][1]}" if "range" in f.metadata else ""
-        lines.append(f"  --{f.name}  ({_field_types(cls)[f.name]}, default {default!r}{allowed})")
+        annotation = _field_types(cls)[f.name]
+        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+        lines.append(f"  --{f.name}  ({type_name}, default {default!r}{allowed})")
     return "\n".join(lines)
 
 

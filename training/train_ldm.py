@@ -543,4 +543,6 @@ def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation,
 
 
 if __name__ == "__main__":
-    main()
+    from latentddpm.cli import run_main
+
+    run_main(main)

@@ -291,4 +291,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from latentddpm.cli import run_main
+
+    run_main(main)
