@@ -3,7 +3,14 @@
 The layout follows the U-Net of Ho et al. 2020 (https://arxiv.org/abs/2006.11239) with the text cross-attention of
 latent diffusion (Rombach et al. 2022, https://arxiv.org/abs/2112.10752). Module and parameter names are those of
 diffusers' `UNet2DConditionModel` blocks, so state dicts load both ways (with `use_linear_projection=True` there).
-Attention itself is diffusers' `Attention`, so its processors (SDPA, classic, sliced, xFormers) all apply.
+Attention itself is diffusers' `Attention`, so its processors (SDPA, classic, sliced, xFormers, IP-Adapter, fused
+QKV) all apply, and `cross_attention_kwargs` reach them as in diffusers' `BasicTransformerBlock`.
+
+Every attention-bearing `forward` takes the same conditioning, in this order: `encoder_hidden_states` (text hidden
+states of shape `(B, S, cross_attention_dim)`, or with an IP-Adapter the pair `(text, [image tokens])` that its
+processors take apart), `attention_mask` (additive `(B, 1, N)` bias on the self-attention scores),
+`encoder_attention_mask` (additive `(B, 1, S)` bias on the cross-attention scores: 0 keeps a text token, -10000 drops
+it) and `cross_attention_kwargs` (extra arguments of the attention processors).
 """
 
 from typing import Any, Literal
@@ -13,7 +20,11 @@ import torch.nn.functional as F
 from diffusers.models.activations import get_activation
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
+from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
+
+# What `encoder_hidden_states` may be: text hidden states, or (text, [image tokens]) with an IP-Adapter loaded.
+EncoderHiddenStates = torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]
 
 
 class ResnetBlock(nn.Module):
@@ -109,24 +120,29 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: EncoderHiddenStates,
+        attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(B, N, dim)`): Image tokens.
-            encoder_hidden_states (`torch.Tensor` of shape `(B, S, cross_attention_dim)`): Text hidden states.
-            encoder_attention_mask (`torch.Tensor` of shape `(B, 1, S)`, *optional*): Additive bias on the
-                cross-attention scores (0 keeps a text token, -10000 drops it).
+            encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs: The conditioning
+                described in the module docstring.
 
         Returns:
             `torch.Tensor` of shape `(B, N, dim)`.
         """
-        hidden_states = hidden_states + self.attn1(self.norm1(hidden_states))
+        cross_attention_kwargs = cross_attention_kwargs or {}
+        hidden_states = hidden_states + self.attn1(
+            self.norm1(hidden_states), attention_mask=attention_mask, **cross_attention_kwargs
+        )
         hidden_states = hidden_states + self.attn2(
             self.norm2(hidden_states),
             encoder_hidden_states=encoder_hidden_states,
             attention_mask=encoder_attention_mask,
+            **cross_attention_kwargs,
         )
         return hidden_states + self.ff(self.norm3(hidden_states))
 
@@ -157,14 +173,16 @@ class SpatialTransformer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: EncoderHiddenStates,
+        attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(B, C, H, W)`): Feature map.
-            encoder_hidden_states (`torch.Tensor` of shape `(B, S, cross_attention_dim)`): Text hidden states.
-            encoder_attention_mask (`torch.Tensor` of shape `(B, 1, S)`, *optional*): Additive cross-attention bias.
+            encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs: The conditioning
+                described in the module docstring.
 
         Returns:
             `torch.Tensor` of shape `(B, C, H, W)`.
@@ -175,7 +193,9 @@ class SpatialTransformer(nn.Module):
         hidden_states = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         hidden_states = self.proj_in(hidden_states)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, encoder_attention_mask)
+            hidden_states = block(
+                hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs
+            )
         hidden_states = self.proj_out(hidden_states)
         # (B, H*W, C) -> (B, C, H, W) as a view; the sum takes the layout of its first operand, so it comes out
         # NCHW-contiguous without a separate `.contiguous()` copy.
@@ -213,7 +233,7 @@ class UNetStage(nn.Module):
         # Set by `ModelMixin.enable_gradient_checkpointing`, together with `_gradient_checkpointing_func`.
         self.gradient_checkpointing = False
 
-    def _run(self, module: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, module: nn.Module, *args: Any) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(module, *args)
         return module(*args)
@@ -262,15 +282,20 @@ class DownBlock(UNetStage):
         self,
         hidden_states: torch.Tensor,
         temb: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: EncoderHiddenStates,
+        attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        additional_residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         r"""
         Args:
             hidden_states (`torch.Tensor` of shape `(B, in_channels, H, W)`): Input features.
             temb (`torch.Tensor` of shape `(B, temb_channels)`): Activated time embedding.
-            encoder_hidden_states (`torch.Tensor` of shape `(B, S, cross_attention_dim)`): Text hidden states.
-            encoder_attention_mask (`torch.Tensor` of shape `(B, 1, S)`, *optional*): Additive cross-attention bias.
+            encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs: The conditioning
+                described in the module docstring.
+            additional_residual (`torch.Tensor` of shape `(B, out_channels, H, W)`, *optional*): A T2I-Adapter
+                feature, added to the output of the last ResNet (and transformer) block, before downsampling.
 
         Returns:
             The output, of shape `(B, out_channels, H', W')`, and the skip connections in the order they were made.
@@ -280,8 +305,15 @@ class DownBlock(UNetStage):
             hidden_states = self._run(resnet, hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self._run(
-                    self.attentions[i], hidden_states, encoder_hidden_states, encoder_attention_mask
+                    self.attentions[i],
+                    hidden_states,
+                    encoder_hidden_states,
+                    attention_mask,
+                    encoder_attention_mask,
+                    cross_attention_kwargs,
                 )
+            if i == len(self.resnets) - 1 and additional_residual is not None:
+                hidden_states = hidden_states + additional_residual
             skips += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)
@@ -313,13 +345,22 @@ class MidBlock(UNetStage):
         self,
         hidden_states: torch.Tensor,
         temb: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: EncoderHiddenStates,
+        attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         r"""Same arguments as `DownBlock.forward`; returns a tensor of the input's shape."""
         hidden_states = self._run(self.resnets[0], hidden_states, temb)
         if self.attentions is not None:
-            hidden_states = self._run(self.attentions[0], hidden_states, encoder_hidden_states, encoder_attention_mask)
+            hidden_states = self._run(
+                self.attentions[0],
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                encoder_attention_mask,
+                cross_attention_kwargs,
+            )
             hidden_states = self._run(self.resnets[1], hidden_states, temb)
         return hidden_states
 
@@ -331,6 +372,8 @@ class UpBlock(UNetStage):
     optional `Upsample`.
 
     Args:
+        resolution_idx (`int`): Position of the block in the decoder, 0 for the coarsest level (FreeU scales the
+            first two).
         in_channels (`int`): Channels of the block input (the output of the level below).
         out_channels (`int`): Channels of this level.
         skip_channels (`list[int]`): Channels of the skip connections, in the order they are consumed.
@@ -342,6 +385,7 @@ class UpBlock(UNetStage):
 
     def __init__(
         self,
+        resolution_idx: int,
         in_channels: int,
         out_channels: int,
         skip_channels: list[int],
@@ -362,14 +406,19 @@ class UpBlock(UNetStage):
                 [SpatialTransformer(out_channels, **attention_kwargs) for _ in skip_channels]
             )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
+        self.resolution_idx = resolution_idx
+        # FreeU's `{"s1", "s2", "b1", "b2"}`, set by `ConditionalUNet.enable_freeu`.
+        self.freeu: dict[str, float] | None = None
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         skips: list[torch.Tensor],
         temb: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: EncoderHiddenStates,
+        attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         r"""
         Args:
@@ -377,16 +426,27 @@ class UpBlock(UNetStage):
             skips (`list[torch.Tensor]`): The encoder's skip connections in the order it made them. The block pops
                 its own from the end (so a skip is freed as soon as it is used, under `no_grad`) and upsamples to
                 the size of the next one, which undoes the round-up of odd sizes in the encoder.
-            temb, encoder_hidden_states, encoder_attention_mask: See `DownBlock.forward`.
+            temb, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs: See
+                `DownBlock.forward`.
 
         Returns:
             `torch.Tensor` of shape `(B, out_channels, H', W')`.
         """
         for i, resnet in enumerate(self.resnets):
-            hidden_states = self._run(resnet, torch.cat([hidden_states, skips.pop()], dim=1), temb)
+            skip = skips.pop()
+            if self.freeu is not None:
+                # FreeU (Si et al. 2023, https://arxiv.org/abs/2309.11497): amplify the backbone features and damp
+                # the low frequencies of the skip, in the first two decoder levels only.
+                hidden_states, skip = apply_freeu(self.resolution_idx, hidden_states, skip, **self.freeu)
+            hidden_states = self._run(resnet, torch.cat([hidden_states, skip], dim=1), temb)
             if self.attentions is not None:
                 hidden_states = self._run(
-                    self.attentions[i], hidden_states, encoder_hidden_states, encoder_attention_mask
+                    self.attentions[i],
+                    hidden_states,
+                    encoder_hidden_states,
+                    attention_mask,
+                    encoder_attention_mask,
+                    cross_attention_kwargs,
                 )
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, skips[-1].shape[-2:])

@@ -11,12 +11,20 @@ from typing import Any, Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin, UNet2DConditionLoadersMixin
 from diffusers.models.activations import get_activation
 from diffusers.models.attention import AttentionMixin
-from diffusers.models.attention_processor import CROSS_ATTENTION_PROCESSORS, Attention, AttnProcessor
+from diffusers.models.attention_processor import (
+    CROSS_ATTENTION_PROCESSORS,
+    Attention,
+    AttentionProcessor,
+    AttnProcessor,
+    FusedAttnProcessor2_0,
+)
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
 from .unet_blocks import DownBlock, MidBlock, UpBlock
@@ -45,7 +53,7 @@ def _per_level(name: str, value: int | Sequence[int], num_levels: int) -> tuple[
     return tuple(value)
 
 
-class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
+class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLoadersMixin, PeftAdapterMixin):
     r"""
     A text-conditional U-Net that predicts from a noisy latent, a timestep and text hidden states.
 
@@ -64,7 +72,29 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
     The module and parameter names are those of diffusers' `UNet2DConditionModel`, so the state dict of the
     `UNet2DConditionModel` built from [`to_unet2d_condition_config`] loads into this model and vice versa. (Stable
     Diffusion 1.x checkpoints use 1x1 convolutions for `proj_in`/`proj_out`; their `(C, C, 1, 1)` weights load
-    into our linear layers once reshaped to `(C, C)`.)
+    into our linear layers once reshaped to `(C, C)`.) `forward` takes `UNet2DConditionModel.forward`'s parameters
+    in its order, so the model drops into diffusers' Stable Diffusion, ControlNet, T2I-Adapter and LCM pipelines,
+    and diffusers' loaders work on it: `load_attn_procs`/`save_attn_procs` and IP-Adapter weights
+    (`UNet2DConditionLoadersMixin`), LoRA and other peft adapters (`PeftAdapterMixin`: `add_adapter`,
+    `load_lora_adapter`, `set_adapters`; needs `pip install latentddpm[lora]`), and `enable_freeu`.
+
+    Deliberate differences from `UNet2DConditionModel`:
+
+    - The config describes this one architecture (ResNet levels with optional spatial transformers, linear
+      projections, GEGLU feed-forward), not diffusers' block-type vocabulary: keys such as `down_block_types` are
+      not accepted, and values the architecture cannot honour (e.g. a per-level tuple `cross_attention_dim`) are
+      refused with a `ValueError` naming the key. `attention_head_dim` is the head width, not the head count.
+    - `from_single_file` (`FromOriginalModelMixin`) is not offered: diffusers' single-file loader knows only its
+      own classes. Convert original checkpoints to this model's state dict instead.
+    - `added_cond_kwargs` takes `text_embeds` (with `pooled_projection_dim`) and `image_embeds` (with an
+      IP-Adapter loaded); SDXL's `time_ids` and other addition embeddings do not exist here.
+    - The legacy way of feeding T2I-Adapter features through `down_block_additional_residuals` without
+      `mid_block_additional_residual` is refused (diffusers deprecates it); pass them as
+      `down_intrablock_additional_residuals`.
+      T2I-Adapter features enter every level before its downsampling (diffusers adds them after the downsampling on
+      levels without attention, where the adapter's features do not have that resolution), and the caller's list is
+      not emptied.
+    - GLIGEN (`cross_attention_kwargs["gligen"]`) is not supported: there is no `position_net`.
 
     Args:
         sample_size (`int` or `tuple[int, int]`, *optional*): Height and width of the latents the model is trained
@@ -101,6 +131,9 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
             added to the time embedding.
         pooled_projection_dim (`int`, *optional*): If set, a pooled text embedding of this width, passed as
             `added_cond_kwargs={"text_embeds": pooled}`, is projected by an MLP and added to the time embedding.
+        time_cond_proj_dim (`int`, *optional*): If set, a `timestep_cond` embedding of this width (e.g. the guidance
+            scale embedding of latent consistency models, Luo et al. 2023, https://arxiv.org/abs/2310.04378) is
+            projected and added to the timestep features before the time MLP, as in `UNet2DConditionModel`.
     """
 
     _supports_gradient_checkpointing = True
@@ -128,8 +161,23 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
         resnet_time_scale_shift: Literal["default", "scale_shift"] = "default",
         num_class_embeds: int | None = None,
         pooled_projection_dim: int | None = None,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
+        for name, value in (
+            ("cross_attention_dim", cross_attention_dim),
+            ("layers_per_block", layers_per_block),
+            ("norm_num_groups", norm_num_groups),
+        ):
+            if not isinstance(value, int):
+                raise ValueError(f"`{name}`={value!r} must be an int: this U-Net has one value for every block.")
+        for name, value in (
+            ("num_class_embeds", num_class_embeds),
+            ("pooled_projection_dim", pooled_projection_dim),
+            ("time_cond_proj_dim", time_cond_proj_dim),
+        ):
+            if value is not None and not isinstance(value, int):
+                raise ValueError(f"`{name}`={value!r} must be an int or None.")
         num_levels = len(block_out_channels)
         if len(attention_levels) != num_levels:
             raise ValueError(
@@ -152,7 +200,9 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
         # 1. Embeddings: sinusoidal timestep features -> MLP, plus optional class and pooled-text embeddings.
         time_embed_dim = 4 * block_out_channels[0]
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn=act_fn)
+        self.time_embedding = TimestepEmbedding(
+            block_out_channels[0], time_embed_dim, act_fn=act_fn, cond_proj_dim=time_cond_proj_dim
+        )
         self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
         self.add_embedding = None
         if pooled_projection_dim is not None:
@@ -196,18 +246,21 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
             )
             skip_channels += [channels] * (layers_per_block + (0 if is_last else 1))
 
+        # Registered before the middle block, as in UNet2DConditionModel: `attn_processors` then lists the layers in
+        # diffusers' order (down, up, middle), which IP-Adapter checkpoints number their weights by.
+        self.up_blocks = nn.ModuleList()
         self.mid_block = MidBlock(
             block_out_channels[-1], resnet_kwargs, attention_kwargs(num_levels - 1, mid_block_attention)
         )
 
-        self.up_blocks = nn.ModuleList()
         block_in = block_out_channels[-1]
-        for level in reversed(range(num_levels)):
+        for resolution_idx, level in enumerate(reversed(range(num_levels))):
             # Each decoder level consumes layers_per_block + 1 skips, last made first.
             level_skips = skip_channels[-(layers_per_block + 1) :][::-1]
             skip_channels = skip_channels[: -(layers_per_block + 1)]
             self.up_blocks.append(
                 UpBlock(
+                    resolution_idx,
                     block_in,
                     block_out_channels[level],
                     level_skips,
@@ -222,6 +275,12 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.nonlinearity = get_activation(act_fn)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+
+        # 4. IP-Adapter image projection: set by `load_ip_adapter` (`UNet2DConditionLoadersMixin`), which also swaps
+        # the cross-attention processors for ones that attend to the projected image tokens.
+        self.encoder_hid_proj = None
+        # The processors `unfuse_qkv_projections` restores.
+        self.original_attn_processors: dict[str, AttentionProcessor] | None = None
 
     def set_default_attn_processor(self) -> None:
         """Disables custom attention processors and sets the classic attention implementation (`AttnProcessor`)."""
@@ -261,18 +320,62 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
         for attention, size in zip(attentions, sizes):
             attention.set_attention_slice(size)
 
+    def fuse_qkv_projections(self) -> None:
+        """
+        Fuses the query, key and value projections of self-attention (key and value of cross-attention) into one
+        matrix multiplication each and sets `FusedAttnProcessor2_0`, as `UNet2DConditionModel` does.
+        """
+        if any("Added" in type(processor).__name__ for processor in self.attn_processors.values()):
+            raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+        self.original_attn_processors = self.attn_processors
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+        self.set_attn_processor(FusedAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Restores the attention processors that were set before [`fuse_qkv_projections`]."""
+        if self.original_attn_processors is not None:
+            self.set_attn_processor(self.original_attn_processors)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""
+        Enables FreeU (Si et al. 2023, https://arxiv.org/abs/2309.11497) in the first two decoder levels, as
+        `UNet2DConditionModel.enable_freeu` does.
+
+        Args:
+            s1, s2 (`float`): Scales that damp the low frequencies of the skip connections of the first and second
+                decoder levels.
+            b1, b2 (`float`): Scales that amplify the backbone features of the first and second decoder levels.
+        """
+        for block in self.up_blocks:
+            block.freeu = {"s1": s1, "s2": s2, "b1": b1, "b2": b2}
+
+    def disable_freeu(self) -> None:
+        """Disables FreeU."""
+        for block in self.up_blocks:
+            block.freeu = None
+
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> ConditionalUNetOutput | tuple[torch.Tensor]:
         r"""
-        The parameters are those of `UNet2DConditionModel.forward`, in the same order.
+        The parameters are those of `UNet2DConditionModel.forward`, in the same order (see the class docstring for
+        the few deliberate differences).
 
         Args:
             sample (`torch.Tensor` of shape `(B, in_channels, H, W)`): The noisy latents.
@@ -281,8 +384,23 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
             encoder_hidden_states (`torch.Tensor` of shape `(B, S, cross_attention_dim)`): Text hidden states.
             class_labels (`torch.LongTensor` of shape `(B,)`, *optional*): Class labels; required exactly when the
                 config has `num_class_embeds`.
+            timestep_cond (`torch.Tensor` of shape `(B, time_cond_proj_dim)`, *optional*): An embedding added to the
+                timestep features through a projection (e.g. LCM's guidance scale embedding); only with
+                `time_cond_proj_dim`.
+            attention_mask (`torch.Tensor` of shape `(B, N)`, *optional*): 1 keeps a key token, 0 discards it, in the
+                self-attention layers (as in `UNet2DConditionModel`, where `N` must match every attention level).
+            cross_attention_kwargs (`dict`, *optional*): Passed to every attention processor; `"scale"` is the
+                weight of loaded LoRA layers.
             added_cond_kwargs (`dict`, *optional*): `{"text_embeds": pooled}` with `pooled` of shape
-                `(B, pooled_projection_dim)`; required exactly when the config has `pooled_projection_dim`.
+                `(B, pooled_projection_dim)`, required exactly when the config has `pooled_projection_dim`; and
+                `{"image_embeds": ...}`, required exactly when an IP-Adapter is loaded.
+            down_block_additional_residuals (`tuple[torch.Tensor]`, *optional*): ControlNet residuals, one per skip
+                connection of the encoder, added to them.
+            mid_block_additional_residual (`torch.Tensor`, *optional*): ControlNet residual added to the middle
+                block's output; required with `down_block_additional_residuals`.
+            down_intrablock_additional_residuals (`tuple[torch.Tensor]`, *optional*): T2I-Adapter features, one per
+                encoder level (added before its downsampling), and possibly one more of the middle block's shape
+                (added to its output, as for T2I-Adapter-XL).
             encoder_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 keeps a text token, 0 discards
                 it (padding) in cross-attention.
             return_dict (`bool`, defaults to `True`): Return a [`ConditionalUNetOutput`] instead of a tuple.
@@ -291,16 +409,30 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
             [`ConditionalUNetOutput`] or `tuple`: the prediction of shape `(B, out_channels, H, W)`.
         """
         batch = sample.shape[0]
-        text_embeds = (added_cond_kwargs or {}).get("text_embeds")
+        added_cond_kwargs = added_cond_kwargs or {}
+        text_embeds = added_cond_kwargs.get("text_embeds")
         if (class_labels is None) != (self.class_embedding is None):
             raise ValueError(
                 "`class_labels` must be passed exactly when `num_class_embeds` is set; got class_labels="
                 f"{'None' if class_labels is None else 'a tensor'}, num_class_embeds={self.config.num_class_embeds}."
             )
+        if timestep_cond is not None and self.config.time_cond_proj_dim is None:
+            raise ValueError("`timestep_cond` needs a model with `time_cond_proj_dim` set.")
+        if down_block_additional_residuals is not None and mid_block_additional_residual is None:
+            raise ValueError(
+                "`down_block_additional_residuals` (ControlNet) need `mid_block_additional_residual`; pass T2I-Adapter"
+                " features as `down_intrablock_additional_residuals`."
+            )
+        if ("image_embeds" in added_cond_kwargs) != (self.encoder_hid_proj is not None):
+            raise ValueError(
+                "`added_cond_kwargs={'image_embeds': ...}` must be passed exactly when an IP-Adapter is loaded; got"
+                f" added_cond_kwargs keys {sorted(added_cond_kwargs)} with"
+                f" {'an' if self.encoder_hid_proj is not None else 'no'} IP-Adapter."
+            )
         if (text_embeds is None) != (self.add_embedding is None):
             raise ValueError(
                 "`added_cond_kwargs={'text_embeds': pooled}` must be passed exactly when `pooled_projection_dim` is "
-                f"set; got added_cond_kwargs keys {sorted(added_cond_kwargs or {})} with pooled_projection_dim="
+                f"set; got added_cond_kwargs keys {sorted(added_cond_kwargs)} with pooled_projection_dim="
                 f"{self.config.pooled_projection_dim}."
             )
 
@@ -309,7 +441,7 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
         if timesteps.shape[0] not in (1, batch):
             raise ValueError(f"`timestep` has {timesteps.shape[0]} values for a batch of {batch}; pass 1 or {batch}.")
         # `Timesteps` always returns float32; cast to the model's dtype.
-        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(sample.dtype))
+        emb = self.time_embedding(self.time_proj(timesteps.expand(batch)).to(sample.dtype), timestep_cond)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels)
         if self.add_embedding is not None:
@@ -317,24 +449,44 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin):
         # Every ResNet block activates the embedding before its projection (Ho et al. 2020); do it once here.
         temb = self.nonlinearity(emb)
 
+        # (B, S) keep/discard masks -> (B, 1, S) additive biases broadcast over the query tokens, as in
+        # UNet2DConditionModel: keep -> 0, discard -> -10000.
+        if attention_mask is not None:
+            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         if encoder_attention_mask is not None:
-            # (B, S) keep/discard mask -> (B, 1, S) additive bias broadcast over the query tokens, as in
-            # UNet2DConditionModel: keep -> 0, discard -> -10000.
             encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        if self.encoder_hid_proj is not None:
+            # IP-Adapter: its cross-attention processors take the text and the projected image tokens apart.
+            encoder_hidden_states = (encoder_hidden_states, self.encoder_hid_proj(added_cond_kwargs["image_embeds"]))
+        conditioning = (encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs)
 
-        # 2. Encoder: every intermediate output is kept as a skip connection for the decoder.
+        # 2. Encoder: every intermediate output is kept as a skip connection for the decoder; T2I-Adapter features
+        # join each level, and an extra one of the middle block's shape joins its output (T2I-Adapter-XL).
+        intrablock_residuals = list(down_intrablock_additional_residuals or [])
         sample = self.conv_in(sample)
         skips = [sample]
         for block in self.down_blocks:
-            sample, block_skips = block(sample, temb, encoder_hidden_states, encoder_attention_mask)
+            residual = intrablock_residuals.pop(0) if intrablock_residuals else None
+            sample, block_skips = block(sample, temb, *conditioning, additional_residual=residual)
             skips.extend(block_skips)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"`down_block_additional_residuals` has {len(down_block_additional_residuals)} tensors but the"
+                    f" encoder makes {len(skips)} skip connections."
+                )
+            skips = [skip + residual for skip, residual in zip(skips, down_block_additional_residuals)]
 
         # 3. Middle.
-        sample = self.mid_block(sample, temb, encoder_hidden_states, encoder_attention_mask)
+        sample = self.mid_block(sample, temb, *conditioning)
+        if intrablock_residuals and intrablock_residuals[0].shape == sample.shape:
+            sample = sample + intrablock_residuals.pop(0)
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
 
         # 4. Decoder: each level pops its skip connections, last made first.
         for block in self.up_blocks:
-            sample = block(sample, skips, temb, encoder_hidden_states, encoder_attention_mask)
+            sample = block(sample, skips, temb, *conditioning)
 
         # 5. Output.
         sample = self.conv_out(self.nonlinearity(self.conv_norm_out(sample)))
@@ -383,5 +535,6 @@ def to_unet2d_condition_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "act_fn": config["act_fn"],
         "resnet_time_scale_shift": config["resnet_time_scale_shift"],
         "num_class_embeds": config["num_class_embeds"],
+        "time_cond_proj_dim": config["time_cond_proj_dim"],
         "use_linear_projection": True,
     }
