@@ -127,10 +127,12 @@ def build_latent_cache(
     device: torch.device | str = "cpu",
     show_progress: bool = True,
     seed: int = 0,
+    use_attention_mask: bool = True,
 ) -> LatentCache:
     """Encode every image (and its mirror when `random_flip`) and every unique caption once.
 
     `seed` fixes the random crops (when the transform crops at random), so the same inputs give the same cache.
+    `use_attention_mask` is passed to `encode_prompt` (how the model being trained reads the text).
     """
     views = 2 if random_flip else 1
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +163,9 @@ def build_latent_cache(
     hidden, mask = [], []
     prompts = unique + [""]  # the empty prompt last: caption dropout and CFG's unconditional branch
     for start in range(0, len(prompts), batch_size):
-        h, m = encode_prompt(prompts[start : start + batch_size], tokenizer, text_encoder, device=device)
+        h, m = encode_prompt(
+            prompts[start : start + batch_size], tokenizer, text_encoder, device, use_attention_mask=use_attention_mask
+        )
         hidden.append(h.float().cpu())
         mask.append(m.cpu())
     return LatentCache(

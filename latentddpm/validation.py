@@ -30,13 +30,14 @@ def validation_loss(
     """The training loss (`training_loss`, the same objective) on held-out rows, with fixed draws so that numbers
     compare across steps.
 
-    `text` maps caption rows of `cache` to `(hidden, mask)`; the cached embeddings (`cache.text`) by default, the
-    text encoder being trained when there is one.
+    `text` maps caption rows of `cache` to `(hidden, mask)` (mask None: attend to every token); the cached embeddings
+    (`cache.text`) by default.
     """
     generator = step_generator(seed, micro_step=0, process_index=10_000)
     latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.0)
     device = next(unet.parameters()).device
-    hidden, mask = (t.to(device) for t in (text or cache.text)(caption_ids))
+    hidden, mask = (text or cache.text)(caption_ids)
+    hidden, mask = hidden.to(device), None if mask is None else mask.to(device)
     loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator)
     return loss.item()
 

@@ -238,3 +238,15 @@ def test_vae_stage_without_held_out_images_trains_and_saves_without_psnr(tmp_pat
     metrics = json.loads((out / "manifest.json").read_text())["final_metrics"]
     assert "psnr" not in metrics and metrics["latent_std"] > 0
     assert AutoencoderKL.from_pretrained(str(out)).config.scaling_factor == pytest.approx(1 / metrics["latent_std"])
+
+
+def test_training_without_the_attention_mask_saves_a_pipeline_that_reads_prompts_unmasked(tiny_vae, tmp_path):
+    """`use_attention_mask: false` (Stable Diffusion's convention): the cache holds all-ones masks, the U-Net trains
+    on the whole padded prompt, and the saved pipeline records it, so it samples the same way."""
+    out = train_ldm.main(ldm_args(tiny_vae, tmp_path, "--use_attention_mask", "false", "--max_train_steps", "2"))
+    pipe = LatentDDPMPipeline.from_pretrained(str(out))
+    assert pipe.config.use_attention_mask is False
+    (cache_file,) = (tmp_path / "cache").glob("*/cache.safetensors")
+    assert bool((load_file(str(cache_file))["text_mask"] == 1).all())
+    image = pipe("a red circle in the center", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)

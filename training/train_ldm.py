@@ -86,6 +86,10 @@ class TrainLDMConfig(DataConfig):
     # transformers encoder folder or repo id; None = the pretrained_pipeline's, else all-MiniLM-L6-v2 from pip
     text_encoder: str | None = None
     tokenizer_max_length: int | None = positive(None)  # override tokenizer.model_max_length (saved with the pipeline)
+    # Cross-attention ignores the prompt's padding (True), or attends to the whole padded prompt with no mask, as
+    # Stable Diffusion does (False: the model then exports to Stable Diffusion with identical images). None = the
+    # pretrained pipeline's setting, else True. Saved in the pipeline's config (`use_attention_mask`).
+    use_attention_mask: bool | None = None
     # Fine-tune the text encoder with the U-Net (saved with the pipeline as trained: EMA covers the U-Net only).
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = positive(None)  # its peak LR (None = learning_rate); low if pretrained
@@ -183,6 +187,7 @@ class Models:
     text_encoder: torch.nn.Module  # frozen unless `train_text_encoder`
     noise_scheduler: DDPMNoiseScheduler  # training's own: sampling uses copies
     unet: ConditionalUNet
+    use_attention_mask: bool  # whether cross-attention ignores the prompts' padding
 
     def pipeline(self) -> LatentDDPMPipeline:
         return LatentDDPMPipeline(
@@ -192,6 +197,7 @@ class Models:
             unet=self.unet,
             # A copy: sampling sets timesteps on its scheduler, training's stays untouched.
             scheduler=DDPMNoiseScheduler.from_config(self.noise_scheduler.config),
+            use_attention_mask=self.use_attention_mask,
         )
 
 
@@ -271,7 +277,13 @@ def load_models(config: TrainLDMConfig) -> Models:
     if config.enable_xformers:
         unet.enable_xformers_memory_efficient_attention()
     logger.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
-    return Models(vae, tokenizer, text_encoder, noise_scheduler, unet)
+    use_attention_mask = config.use_attention_mask
+    if use_attention_mask is None:  # how the pretrained pipeline reads its prompts; masked padding for a new model
+        use_attention_mask = True
+        if config.pretrained_pipeline:
+            pretrained = LatentDDPMPipeline.load_config(config.pretrained_pipeline)
+            use_attention_mask = pretrained.get("use_attention_mask", True)
+    return Models(vae, tokenizer, text_encoder, noise_scheduler, unet, use_attention_mask)
 
 
 def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
@@ -288,6 +300,7 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
         center_crop=config.center_crop,
         random_flip=config.random_flip,
         min_image_size=config.min_image_size,
+        use_attention_mask=models.use_attention_mask,
     )
     folder = Path(config.cache_dir) / key
     models.vae.to(accelerator.device)
@@ -309,6 +322,7 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
                 batch_size=config.dataloader_batch_size,
                 device=accelerator.device,
                 seed=config.seed,
+                use_attention_mask=models.use_attention_mask,
             )
             save_latent_cache(cache, folder)
         else:
@@ -383,14 +397,16 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
 
 
 def text_conditioning(
-    caption_ids: torch.Tensor, cache: LatentCache, tokenizer, text_encoder: torch.nn.Module | None, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(hidden (B, S, D), mask (B, S))` of caption rows on `device`: cached, or encoded now by `text_encoder` (the
-    one being trained; None when it is frozen)."""
+    caption_ids: torch.Tensor, cache: LatentCache, models: Models, text_encoder: torch.nn.Module | None, device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(hidden (B, S, D), mask (B, S) or None)` of caption rows on `device`: cached, or encoded now by `text_encoder`
+    (the one being trained; None when it is frozen). The mask is None when cross-attention reads the padding too."""
     if text_encoder is None:
-        return tuple(t.to(device) for t in cache.text(caption_ids))
-    prompts = [cache.prompt(i) for i in caption_ids.tolist()]
-    return encode_prompt(prompts, tokenizer, text_encoder, device=device)
+        hidden, mask = cache.text(caption_ids)
+    else:
+        prompts = [cache.prompt(i) for i in caption_ids.tolist()]
+        hidden, mask = encode_prompt(prompts, models.tokenizer, text_encoder, device, models.use_attention_mask)
+    return hidden.to(device), mask.to(device) if models.use_attention_mask else None
 
 
 def no_sync(accelerator, models: list[torch.nn.Module], skip: bool) -> contextlib.ExitStack:
@@ -422,11 +438,7 @@ def validate(config, accelerator, models, optimisation, data, state: RunState, e
         step,
         # Unwrapped: a DDP forward would wait for the other processes, which do not validate.
         text=partial(
-            text_conditioning,
-            cache=data.cache,
-            tokenizer=models.tokenizer,
-            text_encoder=trained_encoder,
-            device=accelerator.device,
+            text_conditioning, cache=data.cache, models=models, text_encoder=trained_encoder, device=accelerator.device
         ),
     )
     if evaluation:
@@ -486,7 +498,7 @@ def main(argv: list[str] | None = None) -> Path:
                 rows = data.stream.indices(micro_step, accelerator.process_index)
                 latents, caption_ids = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
                 with no_sync(accelerator, opt.trained_models, skip=micro < accum - 1), accelerator.autocast():
-                    hidden, mask = text_conditioning(caption_ids, data.cache, models.tokenizer, encoder, device)
+                    hidden, mask = text_conditioning(caption_ids, data.cache, models, encoder, device)
                     micro_loss, _ = training_loss(
                         opt.unet, models.noise_scheduler, latents.to(device), hidden, mask, objective, generator
                     )
