@@ -4,8 +4,9 @@ A checkpoint is written into a hidden temporary folder and renamed to `checkpoin
 so a run killed mid-save never leaves a folder that `--resume_from_checkpoint latest` could pick. Old
 checkpoints are pruned only after the new one exists, so `checkpoints_total_limit` never deletes the only
 good one. The manifest of each checkpoint records the size and sha256 of every file in it, so a checkpoint damaged
-later (a disk that filled up, a copy that did not finish) is found before it is loaded: `latest` skips it. Loading
-trusts no pickle in a checkpoint: one that would run code is refused.
+later (a disk that filled up, a copy that did not finish) is found before it is loaded: `latest` skips it. The hashes
+find damage, not tampering (anyone who can change a file can change the manifest): loading trusts no pickle in a
+checkpoint, and one that would run code is refused.
 """
 
 from __future__ import annotations

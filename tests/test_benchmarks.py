@@ -18,6 +18,7 @@ def test_benchmarks_page_is_the_rendering_of_its_templates_and_latest_results():
     assert (report.ROOT.parent / "BENCHMARKS.md").read_text() == report.render()
 
 
+@pytest.mark.slow
 def test_time_to_quality_reads_the_run_logs_and_reports_minutes_to_the_target(tiny_vae, tmp_path):
     run = train_ldm.main(
         [

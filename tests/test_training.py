@@ -33,6 +33,7 @@ def unet_weights(folder):
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_tiny_run_saves_a_loadable_pipeline(tiny_vae, tmp_path):
     out = train_ldm.main(ldm_args(tiny_vae, tmp_path))
     pipe = LatentDDPMPipeline.from_pretrained(str(out))
@@ -45,6 +46,7 @@ def test_tiny_run_saves_a_loadable_pipeline(tiny_vae, tmp_path):
     assert (out / "validation" / "step-6.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_mid_run_matches_uninterrupted_run(tiny_vae, tmp_path):
     straight = train_ldm.main(ldm_args(tiny_vae, tmp_path / "a"))
     checkpointed = train_ldm.main(ldm_args(tiny_vae, tmp_path / "b", "--checkpointing_steps", "3"))
@@ -64,6 +66,7 @@ def text_encoder_weights(folder):
     return load_file(str(folder / "text_encoder" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_training_the_text_encoder_changes_it_and_resumes_exactly(tiny_vae, tmp_path):
     args = ("--train_text_encoder", "true", "--text_encoder_learning_rate", "1e-4")
     straight = train_ldm.main(ldm_args(tiny_vae, tmp_path / "a", *args))
