@@ -3,14 +3,19 @@
 A checkpoint is written into a hidden temporary folder and renamed to `checkpoint-{step}` only once complete,
 so a run killed mid-save never leaves a folder that `--resume_from_checkpoint latest` could pick. Old
 checkpoints are pruned only after the new one exists, so `checkpoints_total_limit` never deletes the only
-good one. Loading trusts no pickle in a checkpoint: one that would run code is refused.
+good one. The manifest of each checkpoint records the size and sha256 of every file in it, so a checkpoint damaged
+later (a disk that filled up, a copy that did not finish) is found before it is loaded: `latest` skips it. The hashes
+find damage, not tampering (anyone who can change a file can change the manifest): loading trusts no pickle in a
+checkpoint, and one that would run code is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -21,12 +26,23 @@ from pathlib import Path
 
 from accelerate.utils import load as accelerate_load
 
+from .config import ConfigError
+from .manifest import MANIFEST_FILE
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
 # Hidden folders a killed save (`.tmp-checkpoint-N`) or deletion (`.deleting-checkpoint-N`) leaves behind.
 LEFTOVER_PATTERN = re.compile(r"^\.(tmp|deleting)-checkpoint-\d+$")
 # A failed write with less than this left on the device is taken for a full disk (see `_out_of_space`).
 FULL_DISK_BYTES = 1 << 20
+# Checkpoint files are hashed in chunks of this size: a multi-GB optimizer state never sits in memory whole.
+HASH_CHUNK_BYTES = 1 << 20
+
+
+class DamagedCheckpointError(ConfigError):
+    """A checkpoint whose files differ from the sizes and sha256 hashes its manifest recorded when it was saved."""
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -42,22 +58,97 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_checkpoint(checkpoint_dir: str | Path, resume_from: str | None) -> Path | None:
-    """Turn `--resume_from_checkpoint` (`latest`, a path, or None) into a checkpoint folder.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    `latest` with no checkpoint yet returns None (a fresh start); an explicit path that is not a complete
-    checkpoint raises `FileNotFoundError`.
+
+def _record_files(folder: Path, pending: dict[str, bytes]) -> None:
+    """Merge the size and sha256 of every file in `folder`, and of the `pending` files about to be written there
+    (name -> bytes), into the manifest as `"files"`, creating the manifest if there is none."""
+    manifest_path = folder / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    files = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path != manifest_path
+    }
+    files |= {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in pending.items()}
+    manifest["files"] = files
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _find_damage(checkpoint: Path) -> str | None:
+    """What is wrong with `checkpoint`'s files, as "<file> <problem>", or None when they match its manifest.
+
+    Every size is checked before any file is hashed, so a truncated or missing file is found without reading the
+    others. A checkpoint saved before manifests recorded files (no `"files"` in it) has nothing to check: None.
+    """
+    manifest_path = checkpoint / MANIFEST_FILE
+    try:
+        files = json.loads(manifest_path.read_text()).get("files") if manifest_path.is_file() else None
+        expected = None if files is None else {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        return f"{manifest_path} cannot be read ({type(error).__name__}: {error})"
+    if expected is None:
+        # Logged as a warning: `resolve_checkpoint` runs before the training scripts configure logging.
+        logger.warning(f"{checkpoint} has no file hashes in its manifest (saved by an older latentddpm): not verified")
+        return None
+    for name, (size, _) in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the manifest recorded {size}"
+    for name, (_, sha256) in expected.items():
+        if _sha256(checkpoint / name) != sha256:
+            return f"{checkpoint / name} has another sha256 than the manifest recorded (same size: bytes changed)"
+    return None
+
+
+def resolve_checkpoint(checkpoint_dir: str | Path, resume_from: str | None) -> Path | None:
+    """Turn `--resume_from_checkpoint` (`latest`, a path, or None) into a checkpoint folder whose files are intact.
+
+    `latest` is the newest complete checkpoint whose files match its manifest: damaged ones are skipped with a
+    warning (checked newest first, stopping at the first intact one, since hashing reads every byte). `latest` with
+    no checkpoint yet returns None (a fresh start).
+
+    Raises:
+        FileNotFoundError: an explicit path that is not a complete checkpoint.
+        DamagedCheckpointError: an explicit path to a damaged checkpoint, or `latest` when every checkpoint is
+            damaged (starting from scratch instead would prune them).
     """
     if resume_from is None:
         return None
     if resume_from == "latest":
         checkpoints = list_checkpoints(checkpoint_dir)
-        return checkpoints[-1] if checkpoints else None
+        damaged = []
+        for checkpoint in reversed(checkpoints):
+            damage = _find_damage(checkpoint)
+            if damage is None:
+                return checkpoint
+            logger.warning(f"Skipping damaged checkpoint {checkpoint}: {damage}")
+            damaged.append(damage)
+        if damaged:
+            raise DamagedCheckpointError(
+                f"Every checkpoint in {checkpoint_dir} is damaged: {'; '.join(damaged)}. Restore one from a copy, or "
+                "remove them to start from scratch."
+            )
+        return None
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(
             f"resume_from_checkpoint={resume_from!r} is not a complete checkpoint (no {STATE_FILE}). "
             f"Complete checkpoints: {[str(p) for p in list_checkpoints(checkpoint_dir)]}"
+        )
+    damage = _find_damage(path)
+    if damage is not None:
+        raise DamagedCheckpointError(
+            f"resume_from_checkpoint={resume_from!r} is damaged: {damage}. Resume from another checkpoint "
+            "(--resume_from_checkpoint latest picks the newest intact one)."
         )
     return path
 
@@ -108,7 +199,8 @@ def save_checkpoint(
         accelerator: the run's `Accelerator`; `save_state` writes model, optimizer, LR scheduler and RNG states.
         training_state: JSON-able dict (global step, counters) written last, as `training_state.json`.
         write_extra: called on the main process with the temporary folder, to add files (EMA weights, config,
-            manifest) before the folder is renamed into place.
+            manifest) before the folder is renamed into place. The size and sha256 of every file are then merged into
+            `manifest.json` as `"files"` (which `resolve_checkpoint` verifies).
         total_limit: keep at most this many checkpoints (the new one included), at least 1.
 
     Raises:
@@ -128,12 +220,15 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every process has written its random states: all files can be hashed
         if accelerator.is_main_process:
             if write_extra is not None:
                 write_extra(tmp)
-            state_path = tmp / STATE_FILE
-            with open(state_path, "w") as f:
-                json.dump(training_state, f, indent=2)
+            # The state file marks the checkpoint complete, so it is written last; its hash is recorded beforehand.
+            state = json.dumps(training_state, indent=2).encode()
+            _record_files(tmp, {STATE_FILE: state})
+            with open(tmp / STATE_FILE, "wb") as f:
+                f.write(state)
                 f.flush()
                 os.fsync(f.fileno())
     except Exception as e:

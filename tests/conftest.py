@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 
 # The training tests' shared settings (tiny, seconds per run), independent of the demo's recipe.
@@ -31,3 +32,12 @@ def tiny_vae(tmp_path_factory) -> Path:
         mid_block_add_attention=False,
     ).save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test starts and ends with no accelerate state: every training script builds its own `Accelerator`, and
+    accelerate keeps the first one's process and device settings in process-wide singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -3,7 +3,6 @@
 import argparse
 
 import pytest
-from accelerate.state import AcceleratorState
 from conftest import TINY_LDM_CONFIG
 
 from benchmarks import report, time_to_quality
@@ -19,8 +18,8 @@ def test_benchmarks_page_is_the_rendering_of_its_templates_and_latest_results():
     assert (report.ROOT.parent / "BENCHMARKS.md").read_text() == report.render()
 
 
+@pytest.mark.slow
 def test_time_to_quality_reads_the_run_logs_and_reports_minutes_to_the_target(tiny_vae, tmp_path):
-    AcceleratorState._reset_state(reset_partial_state=True)
     run = train_ldm.main(
         [
             "--config", str(TINY_LDM_CONFIG),
@@ -33,7 +32,6 @@ def test_time_to_quality_reads_the_run_logs_and_reports_minutes_to_the_target(ti
             "--report_to", "tensorboard",
         ]
     )  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
     curve = time_to_quality.quality_curve(run, "shapes")
     assert [row["step"] for row in curve] == [3, 6]
     assert all(0 < row["minutes"] for row in curve) and curve[0]["minutes"] <= curve[1]["minutes"]

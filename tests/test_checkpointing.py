@@ -1,4 +1,6 @@
 import errno
+import hashlib
+import json
 import os
 
 import pytest
@@ -6,7 +8,14 @@ import torch
 from accelerate import Accelerator
 
 from latentddpm import checkpointing
-from latentddpm.checkpointing import list_checkpoints, read_training_state, resolve_checkpoint, save_checkpoint
+from latentddpm.checkpointing import (
+    DamagedCheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    read_training_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture
@@ -78,3 +87,40 @@ def test_resaving_a_step_replaces_it(accelerator, tmp_path):
         accelerator.model.weight.zero_()
     accelerator.load_state(str(tmp_path / "checkpoint-3"))
     assert torch.equal(accelerator.model.weight, expected)
+
+
+def test_manifest_records_size_and_sha256_of_every_file_but_itself(accelerator, tmp_path):
+    def write_extra(folder):
+        (folder / "manifest.json").write_text(json.dumps({"seed": 7}))
+        (folder / "extra").mkdir()
+        (folder / "extra" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+
+    checkpoint = save(accelerator, tmp_path, 1, write_extra=write_extra)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["seed"] == 7  # merged into what write_extra wrote
+    on_disk = {p.relative_to(checkpoint).as_posix(): p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+    del on_disk["manifest.json"]
+    assert {"training_state.json", "extra/weights.bin", "model.safetensors", "optimizer.bin"} <= set(on_disk)
+    assert manifest["files"] == {
+        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in on_disk.items()
+    }
+    # Without write_extra the manifest is created, holding only the file list.
+    assert json.loads((save(accelerator, tmp_path, 2) / "manifest.json").read_text()).keys() == {"files"}
+
+
+def test_checkpoint_saved_without_file_hashes_still_loads_and_says_so(accelerator, tmp_path, caplog):
+    checkpoint = save(accelerator, tmp_path, 1)
+    (checkpoint / "manifest.json").unlink()  # as save_checkpoint wrote it before it recorded files
+    with caplog.at_level("WARNING"):
+        assert resolve_checkpoint(tmp_path, "latest") == checkpoint
+        assert resolve_checkpoint(tmp_path, str(checkpoint)) == checkpoint
+    assert caplog.text.count(f"{checkpoint} has no file hashes in its manifest") == 2
+    assert load_checkpoint(accelerator, checkpoint) == {"global_step": 1}
+
+
+def test_latest_with_every_checkpoint_damaged_is_an_error_not_a_fresh_start(accelerator, tmp_path):
+    for step in (1, 2):
+        (save(accelerator, tmp_path, step) / "optimizer.bin").unlink()
+    message = rf"Every checkpoint in {tmp_path} is damaged: .*checkpoint-2/optimizer.bin is missing; .*checkpoint-1"
+    with pytest.raises(DamagedCheckpointError, match=message):
+        resolve_checkpoint(tmp_path, "latest")

@@ -1,17 +1,17 @@
 """Fault injection (issue 6): training survives kill -9, preemption, NaNs, a full disk and bad configs; loading
 trusts no pickle. Tiny components, CPU, fp32, so a resumed run is compared bitwise with an uninterrupted one.
 
-Faults in a separate process come from `FAULT_RUNNER`: it runs `train_ldm.main`, stops at a chosen point (a step, or
-inside a checkpoint save), prints `FAULT POINT` and waits there for the signal the test sends.
+Faults in a separate process come from tests/fault_injection.py: it runs `train_ldm.main`, stops at a chosen point (a
+step, or inside a checkpoint save), prints `FAULT POINT` and waits there for the signal the test sends.
 """
 
 import ast
 import copy
 import filecmp
+import hashlib
 import importlib.metadata
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -21,10 +21,10 @@ import threading
 from pathlib import Path
 
 import datasets
+import fault_injection
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from conftest import TINY_LDM_CONFIG
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from latentddpm import losses
 from latentddpm.cache import build_latent_cache
-from latentddpm.checkpointing import list_checkpoints, read_training_state
+from latentddpm.checkpointing import DamagedCheckpointError, list_checkpoints, read_training_state, resolve_checkpoint
 from latentddpm.config import ConfigError, config_from_dict
 from latentddpm.configs import config_path
 from latentddpm.data.transforms import ImageTransform
@@ -44,77 +44,6 @@ from latentddpm.training import train_ldm, train_vae
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2  # optimizer steps per run; a checkpoint every EVERY steps
 
-FAULT_RUNNER = """
-import os, shutil, signal, sys, time
-from pathlib import Path
-
-import accelerate.checkpointing
-from latentddpm.training import train_ldm
-
-where, _, at = os.environ["LATENTDDPM_TEST_FAULT"].partition(":")
-at = int(at)
-
-
-def stop_here():
-    # Note the test's signal (then pass it to the run's own handler) from before the marker is printed, so that
-    # none is missed; SIGKILL ends the process in the wait.
-    arrived, handlers = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def note(signum, frame):
-        arrived.append(signum)
-        handlers[signum](signum, frame)
-
-    for signum in handlers:
-        signal.signal(signum, note)
-    print(f"FAULT POINT {where}:{at}", flush=True)
-    while not arrived:
-        time.sleep(0.01)
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
-if where == "step":  # inside the forward pass of step `at` (0-based)
-    diffusion_loss, calls = train_ldm.diffusion_loss, []
-
-    def counting_loss(*args, **kwargs):
-        if len(calls) == at:
-            stop_here()
-        calls.append(None)
-        return diffusion_loss(*args, **kwargs)
-
-    train_ldm.diffusion_loss = counting_loss
-elif where == "save_state":  # saving checkpoint-`at`: model weights written, optimizer state not yet
-    save = accelerate.checkpointing.save
-
-    def stopping_save(obj, f, *args, **kwargs):
-        if Path(f).parent.name == f".tmp-checkpoint-{at}" and Path(f).name == "optimizer.bin":
-            stop_here()
-        return save(obj, f, *args, **kwargs)
-
-    accelerate.checkpointing.save = stopping_save
-elif where == "rename":  # checkpoint-`at` complete in its temporary folder, not yet renamed into place
-    replace = os.replace
-
-    def stopping_replace(src, dst):
-        if Path(src).name == f".tmp-checkpoint-{at}":
-            stop_here()
-        return replace(src, dst)
-
-    os.replace = stopping_replace
-elif where == "prune":  # checkpoint-`at` in place, the one before it half deleted
-    rmtree = shutil.rmtree
-
-    def stopping_rmtree(path, *args, **kwargs):
-        path = Path(path)
-        if path.name.startswith(".deleting-") and (path.parent / f"checkpoint-{at}").is_dir():
-            (path / "model.safetensors").unlink()
-            stop_here()
-        return rmtree(path, *args, **kwargs)
-
-    shutil.rmtree = stopping_rmtree
-train_ldm.main(sys.argv[1:])
-"""
-
 
 class CodeInPickle:
     """Unpickling this runs `touch marker`: what a tampered checkpoint file could do."""
@@ -124,15 +53,6 @@ class CodeInPickle:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def run_script(main, argv: list[str]) -> Path:
-    # Each script builds its own Accelerator; several in one process must not share state.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        return main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +89,7 @@ def ldm_args(tiny_vae, cache_dir):
 @pytest.fixture(scope="module")
 def reference(ldm_args, tmp_path_factory) -> Path:
     """The uninterrupted run every faulted run is compared with (checkpoints 2, 4 and 6 kept)."""
-    return run_script(train_ldm.main, ldm_args(tmp_path_factory.mktemp("reference")))
+    return train_ldm.main(ldm_args(tmp_path_factory.mktemp("reference")))
 
 
 def assert_same_unet(run: Path, expected_run: Path) -> None:
@@ -190,14 +110,16 @@ def checkpoint_names(output_dir: Path) -> list[str]:
 
 
 def run_until_fault(tmp_path: Path, argv: list[str], fault: str, signum: int) -> tuple[int, str, str]:
-    """Run train_ldm in a new process under `FAULT_RUNNER`, send `signum` at `fault`; (exit code, stdout, stderr)."""
-    runner = tmp_path / "fault_runner.py"
-    runner.write_text(FAULT_RUNNER)
-    env = os.environ | {"LATENTDDPM_TEST_FAULT": fault, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    """Run tests/fault_injection.py in a new process and send `signum` at `fault`; (exit code, stdout, stderr)."""
+    env = os.environ | {fault_injection.FAULT_ENV: fault, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     stderr_path = tmp_path / "stderr.log"
     with open(stderr_path, "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, str(runner), *argv], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+            [sys.executable, fault_injection.__file__, *argv],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
         )
         watchdog = threading.Timer(300, process.kill)  # a run that never reaches the fault point fails, not hangs
         watchdog.start()
@@ -216,9 +138,9 @@ def run_until_fault(tmp_path: Path, argv: list[str], fault: str, signum: int) ->
 # --- kill -9 --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_step_resumes_from_the_last_complete_checkpoint(ldm_args, reference, tmp_path, caplog):
-    step = random.randint(EVERY + 1, STEPS - 1)  # 0-based; some step after the first checkpoint
-    print(f"killing the run during step {step} (0-based)")  # shown with a failure
+    step = fault_injection.pick_step(EVERY + 1, STEPS - 1)  # some step after the first checkpoint; printed
     out = tmp_path / "run"
     code, _, stderr = run_until_fault(tmp_path, ldm_args(out), f"step:{step}", signal.SIGKILL)
     assert code == -signal.SIGKILL, stderr[-3000:]
@@ -226,15 +148,13 @@ def test_kill_9_at_a_random_step_resumes_from_the_last_complete_checkpoint(ldm_a
     assert checkpoint_names(out) == [f"checkpoint-{s}" for s in range(EVERY, last + 1, EVERY)]
 
     with caplog.at_level("INFO"):
-        resumed = run_script(train_ldm.main, ldm_args(out, "--resume_from_checkpoint", "latest"))
+        resumed = train_ldm.main(ldm_args(out, "--resume_from_checkpoint", "latest"))
     assert f"Resumed from {out / 'checkpoints' / f'checkpoint-{last}'} at step {last}" in caplog.text
     assert_same_unet(resumed, reference)
 
 
-@pytest.mark.parametrize(
-    "where",
-    ["save_state", pytest.param("rename", marks=pytest.mark.slow), pytest.param("prune", marks=pytest.mark.slow)],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["save_state", "rename", "prune"])
 def test_kill_9_during_a_checkpoint_save_keeps_the_last_good_checkpoint(ldm_args, reference, tmp_path, where):
     out = tmp_path / "run"
     out.mkdir()
@@ -256,7 +176,7 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_last_good_checkpoint(ldm_args
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert (out / "train_config.yaml").is_file()
 
-    resumed = run_script(train_ldm.main, [*argv, "--resume_from_checkpoint", "latest"])
+    resumed = train_ldm.main([*argv, "--resume_from_checkpoint", "latest"])
     assert_same_unet(resumed, reference)
     assert checkpoint_names(out) == ["checkpoint-6"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-6"]  # leftovers cleaned up
@@ -266,6 +186,7 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_last_good_checkpoint(ldm_args
 # --- preemption -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_matches(ldm_args, reference, tmp_path):
     out = tmp_path / "run"
     code, stdout, stderr = run_until_fault(tmp_path, ldm_args(out), "step:2", signal.SIGTERM)
@@ -277,7 +198,7 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_matches(ldm_arg
     assert read_training_state(checkpoint)["global_step"] == 3
     assert not (out / "model_index.json").exists()  # stopped, not finished
 
-    resumed = run_script(train_ldm.main, ldm_args(out, "--resume_from_checkpoint", "latest"))
+    resumed = train_ldm.main(ldm_args(out, "--resume_from_checkpoint", "latest"))
     assert_same_unet(resumed, reference)
 
 
@@ -296,14 +217,14 @@ def test_sigint_checkpoints_the_current_step_exits_0_and_restores_handlers(
     handler = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        run_script(train_ldm.main, ldm_args(out))
+        train_ldm.main(ldm_args(out))
     assert exit_info.value.code == 0
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again after the run
     assert f"Received signal {int(signal.SIGINT)} at step 4" in capsys.readouterr().out
     assert read_training_state(out / "checkpoints" / "checkpoint-4")["global_step"] == 4
 
     monkeypatch.setattr(train_ldm, "diffusion_loss", losses.diffusion_loss)
-    resumed = run_script(train_ldm.main, ldm_args(out, "--resume_from_checkpoint", "latest"))
+    resumed = train_ldm.main(ldm_args(out, "--resume_from_checkpoint", "latest"))
     assert_same_unet(resumed, reference)
 
 
@@ -328,7 +249,7 @@ def test_single_nan_steps_are_skipped_and_counted(ldm_args, tmp_path, monkeypatc
     out = tmp_path / "run"
     argv = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "6", "--max_consecutive_nonfinite", "3"]
     with caplog.at_level("WARNING"):
-        run_script(train_ldm.main, ldm_args(out, *argv))
+        train_ldm.main(ldm_args(out, *argv))
 
     assert "Step 2: non-finite gradients, update skipped (1 so far)" in caplog.text
     checkpoints = out / "checkpoints"
@@ -353,7 +274,7 @@ def test_consecutive_nan_steps_stop_naming_the_step_and_last_good_checkpoint(
         rf"Last good checkpoint: {re.escape(str(last_good))}\."
     )
     with pytest.raises(RuntimeError, match=message):
-        run_script(train_ldm.main, ldm_args(out, "--max_consecutive_nonfinite", "2"))
+        train_ldm.main(ldm_args(out, "--max_consecutive_nonfinite", "2"))
     assert_same_checkpoint_weights(last_good, reference / "checkpoints" / "checkpoint-4")
     assert not (out / "model_index.json").exists()
 
@@ -460,13 +381,13 @@ def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
     previous = re.escape(str(out / "checkpoints" / "checkpoint-2"))
     message = rf"Out of disk space while saving checkpoint-4 .* The previous checkpoint is intact: {previous}\."
     with pytest.raises(RuntimeError, match=message) as error:
-        run_script(train_ldm.main, argv)
+        train_ldm.main(argv)
     assert type(error.value.__cause__).__name__ == error_type
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # no partial folder left
     assert_same_checkpoint_weights(out / "checkpoints" / "checkpoint-2", good)
 
     resize(1 << 30)  # space freed: the same command resumes and finishes the run
-    resumed = run_script(train_ldm.main, [*argv, "--resume_from_checkpoint", "latest"])
+    resumed = train_ldm.main([*argv, "--resume_from_checkpoint", "latest"])
     assert_same_unet(resumed, reference)
 
 
@@ -502,15 +423,87 @@ def test_bad_config_fails_before_any_data_is_read(ldm_args, tmp_path, monkeypatc
     else:
         argv = ["--config", str(config_path("shapes_vae.yaml")), "--output_dir", str(out), *extra]
     with pytest.raises((ConfigError, FileNotFoundError), match=message):
-        run_script(script.main, argv)
+        script.main(argv)
     assert not out.exists() and not cache.exists()
 
 
+@pytest.mark.slow
 def test_config_saved_in_a_checkpoint_reproduces_the_run(reference, tmp_path):
     saved = reference / "checkpoints" / "checkpoint-4" / "train_config.yaml"
     assert saved.read_text() == (reference / "train_config.yaml").read_text()  # the pipeline's copy is the same
-    rerun = run_script(train_ldm.main, ["--config", str(saved), "--output_dir", str(tmp_path / "rerun")])
+    rerun = train_ldm.main(["--config", str(saved), "--output_dir", str(tmp_path / "rerun")])
     assert_same_unet(rerun, reference)
+
+
+# --- damaged checkpoints -------------------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:  # what a full disk or a copy that did not finish leaves
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:  # the same size, other bytes: only the hash can tell
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {"truncate": truncate, "flip_a_byte": flip_a_byte, "delete": Path.unlink}
+
+
+def copy_checkpoints(reference: Path, output_dir: Path, steps: tuple[int, ...]) -> Path:
+    for step in steps:
+        name = f"checkpoint-{step}"
+        shutil.copytree(reference / "checkpoints" / name, output_dir / "checkpoints" / name)
+    return output_dir / "checkpoints"
+
+
+def test_latest_skips_damaged_checkpoints_and_resumes_from_the_newest_intact_one(
+    ldm_args, reference, tmp_path, caplog
+):
+    out = tmp_path / "run"
+    checkpoints = copy_checkpoints(reference, out, (2, 4, 6))
+    newest, middle = checkpoints / "checkpoint-6", checkpoints / "checkpoint-4"
+    size = (newest / "model.safetensors").stat().st_size
+    truncate(newest / "model.safetensors")
+    flip_a_byte(middle / "optimizer.bin")
+
+    with caplog.at_level("INFO"):
+        resumed = train_ldm.main(ldm_args(out, "--resume_from_checkpoint", "latest"))
+    truncated = f"{newest / 'model.safetensors'} has {size // 2} bytes, the manifest recorded {size}"
+    assert f"Skipping damaged checkpoint {newest}: {truncated}" in caplog.text
+    assert f"Skipping damaged checkpoint {middle}: {middle / 'optimizer.bin'} has another sha256" in caplog.text
+    assert f"Resumed from {checkpoints / 'checkpoint-2'} at step 2" in caplog.text
+    assert_same_unet(resumed, reference)
+    # The resumed run saved steps 4 and 6 again, intact, over the damaged copies.
+    assert resolve_checkpoint(checkpoints, "latest") == newest
+    assert_same_checkpoint_weights(newest, reference / "checkpoints" / "checkpoint-6")
+
+
+@pytest.mark.parametrize(
+    "damage, name, problem",
+    [
+        ("truncate", "model.safetensors", r"has \d+ bytes, the manifest recorded \d+"),
+        ("flip_a_byte", "optimizer.bin", "has another sha256 than the manifest recorded"),
+        ("flip_a_byte", "training_state.json", "has another sha256 than the manifest recorded"),
+        ("delete", "unet_ema/diffusion_pytorch_model.safetensors", "is missing"),
+        ("truncate", "manifest.json", r"cannot be read \(JSONDecodeError"),
+    ],
+    ids=["truncated-weights", "changed-optimizer", "changed-state", "deleted-ema", "truncated-manifest"],
+)
+def test_resuming_from_an_explicit_damaged_checkpoint_is_a_one_line_error_naming_the_file(
+    ldm_args, reference, tmp_path, damage, name, problem
+):
+    out = tmp_path / "run"
+    checkpoint = copy_checkpoints(reference, out, (4,)) / "checkpoint-4"
+    DAMAGES[damage](checkpoint / name)
+
+    bad_file = re.escape(str(checkpoint / name))
+    message = rf"resume_from_checkpoint='{re.escape(str(checkpoint))}' is damaged: {bad_file} {problem}"
+    with pytest.raises(DamagedCheckpointError, match=message) as error:
+        train_ldm.main(ldm_args(out, "--resume_from_checkpoint", str(checkpoint)))
+    assert isinstance(error.value, ConfigError) and "\n" not in str(error.value)  # the CLI prints one line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # stopped before anything was written
 
 
 # --- loading --------------------------------------------------------------------------------------------------
@@ -522,10 +515,15 @@ def test_checkpoint_with_code_in_a_pickle_is_refused_and_the_code_never_runs(ldm
     checkpoint = shutil.copytree(reference / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-4")
     marker = tmp_path / "PWNED"
     torch.save({"state": CodeInPickle(marker)}, checkpoint / tampered)
+    # The manifest's hashes find damage, not tampering: whoever can rewrite a pickle can rewrite them too.
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    data = (checkpoint / tampered).read_bytes()
+    manifest["files"][tampered] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
     message = rf"Refusing to load checkpoint .*{tampered} \(.*GLOBAL posix.system.*\).* nothing in them was run\."
     with pytest.raises(ValueError, match=message):
-        run_script(train_ldm.main, ldm_args(out, "--resume_from_checkpoint", "latest"))
+        train_ldm.main(ldm_args(out, "--resume_from_checkpoint", "latest"))
     assert not marker.exists()
 
 
@@ -621,7 +619,7 @@ def vae_args():
 
 @pytest.fixture(scope="module")
 def vae_reference(vae_args, tmp_path_factory) -> Path:
-    return run_script(train_vae.main, vae_args(tmp_path_factory.mktemp("vae_reference")))
+    return train_vae.main(vae_args(tmp_path_factory.mktemp("vae_reference")))
 
 
 def test_manifest_is_saved_with_every_vae_checkpoint_and_the_vae(vae_reference):
@@ -642,11 +640,11 @@ def test_vae_sigterm_checkpoints_the_current_step_and_resume_matches(vae_args, v
 
     monkeypatch.setattr(train_vae, "step_generator", preempted_generator)
     with pytest.raises(SystemExit) as exit_info:
-        run_script(train_vae.main, vae_args(out))
+        train_vae.main(vae_args(out))
     assert exit_info.value.code == 0
     assert read_training_state(out / "checkpoints" / "checkpoint-1")["global_step"] == 1
 
     monkeypatch.setattr(train_vae, "step_generator", step_generator)
-    resumed = run_script(train_vae.main, vae_args(out, "--resume_from_checkpoint", "latest"))
+    resumed = train_vae.main(vae_args(out, "--resume_from_checkpoint", "latest"))
     got, expected = (load_file(str(r / "diffusion_pytorch_model.safetensors")) for r in (resumed, vae_reference))
     assert all(torch.equal(got[k], expected[k]) for k in expected)

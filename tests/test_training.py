@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from conftest import TINY_LDM_CONFIG
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
@@ -16,14 +15,6 @@ from latentddpm.configs import config_path
 from latentddpm.eval.curves import load_scalars
 from latentddpm.text import default_text_encoder_path
 from latentddpm.training import train_ldm, train_vae
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    # Each script builds its own Accelerator; several in one process must not share state.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def ldm_args(tiny_vae, tmp_path, *extra):
@@ -42,6 +33,7 @@ def unet_weights(folder):
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_tiny_run_saves_a_loadable_pipeline(tiny_vae, tmp_path):
     out = train_ldm.main(ldm_args(tiny_vae, tmp_path))
     pipe = LatentDDPMPipeline.from_pretrained(str(out))
@@ -54,11 +46,10 @@ def test_tiny_run_saves_a_loadable_pipeline(tiny_vae, tmp_path):
     assert (out / "validation" / "step-6.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_mid_run_matches_uninterrupted_run(tiny_vae, tmp_path):
     straight = train_ldm.main(ldm_args(tiny_vae, tmp_path / "a"))
-    AcceleratorState._reset_state(reset_partial_state=True)
     checkpointed = train_ldm.main(ldm_args(tiny_vae, tmp_path / "b", "--checkpointing_steps", "3"))
-    AcceleratorState._reset_state(reset_partial_state=True)
     # A new process state, resuming from the step-3 snapshot, trains steps 4..6 again.
     resumed = train_ldm.main(
         ldm_args(tiny_vae, tmp_path / "c", "--resume_from_checkpoint", str(checkpointed / "checkpoints/checkpoint-3"))
@@ -75,12 +66,11 @@ def text_encoder_weights(folder):
     return load_file(str(folder / "text_encoder" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_training_the_text_encoder_changes_it_and_resumes_exactly(tiny_vae, tmp_path):
     args = ("--train_text_encoder", "true", "--text_encoder_learning_rate", "1e-4")
     straight = train_ldm.main(ldm_args(tiny_vae, tmp_path / "a", *args))
-    AcceleratorState._reset_state(reset_partial_state=True)
     checkpointed = train_ldm.main(ldm_args(tiny_vae, tmp_path / "b", *args, "--checkpointing_steps", "3"))
-    AcceleratorState._reset_state(reset_partial_state=True)
     resumed = train_ldm.main(
         ldm_args(
             tiny_vae,
@@ -146,7 +136,6 @@ def test_second_run_reuses_the_latent_cache(tiny_vae, tmp_path, caplog):
     cache_files = list((tmp_path / "cache").glob("*/cache.safetensors"))
     assert len(cache_files) == 1
     mtime = cache_files[0].stat().st_mtime_ns
-    AcceleratorState._reset_state(reset_partial_state=True)
     with caplog.at_level("INFO"):
         train_ldm.main(ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1", "--output_dir", str(tmp_path / "run2")))
     assert "Reusing cached latents" in caplog.text
@@ -186,9 +175,7 @@ def test_vae_stage_with_the_patch_gan_trains_both_and_resumes_exactly(tmp_path):
     gan = ["--gan_weight", "0.5", "--gan_start_step", "1"]
     gan += ["--discriminator_channels", "8", "--discriminator_layers", "2"]
     plain = train_vae.main(vae_args(tmp_path / "plain"))
-    AcceleratorState._reset_state(reset_partial_state=True)
     straight = train_vae.main(vae_args(tmp_path / "gan", *gan, "--checkpointing_steps", "2"))
-    AcceleratorState._reset_state(reset_partial_state=True)
     checkpoint = straight / "checkpoints" / "checkpoint-2"
     resumed = train_vae.main(vae_args(tmp_path / "resumed", *gan, "--resume_from_checkpoint", str(checkpoint)))
 
