@@ -21,6 +21,8 @@ from pathlib import Path
 
 import accelerate.checkpointing
 
+from latentddpm import losses
+from latentddpm.cli import run_main
 from latentddpm.training import train_ldm
 
 FAULT_ENV = "LATENTDDPM_TEST_FAULT"
@@ -57,7 +59,7 @@ def stop_here(where: str, at: int) -> None:
 
 def stop_in_step(at: int) -> None:
     """Inside the forward pass of step `at` (0-based)."""
-    diffusion_loss, calls = train_ldm.diffusion_loss, []
+    diffusion_loss, calls = losses.diffusion_loss, []
 
     def counting_loss(*args, **kwargs):
         if len(calls) == at:
@@ -65,7 +67,7 @@ def stop_in_step(at: int) -> None:
         calls.append(None)
         return diffusion_loss(*args, **kwargs)
 
-    train_ldm.diffusion_loss = counting_loss
+    losses.diffusion_loss = counting_loss  # what `training_loss` calls
 
 
 def stop_in_save_state(at: int) -> None:
@@ -112,7 +114,7 @@ FAULTS = {"step": stop_in_step, "save_state": stop_in_save_state, "rename": stop
 def main(argv: list[str]) -> None:
     where, _, at = os.environ[FAULT_ENV].partition(":")
     FAULTS[where](int(at))
-    train_ldm.main(argv)
+    run_main(train_ldm.main, argv)  # as the command line runs it: a preempted run exits 0
 
 
 if __name__ == "__main__":

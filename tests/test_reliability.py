@@ -34,12 +34,16 @@ from safetensors.torch import load_file
 from latentddpm import losses
 from latentddpm.cache import build_latent_cache
 from latentddpm.checkpointing import DamagedCheckpointError, list_checkpoints, read_training_state, resolve_checkpoint
+from latentddpm.cli import run_main
 from latentddpm.config import ConfigError, config_from_dict
 from latentddpm.configs import config_path
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.latents import decode_latents, encode_images, encode_posterior, unscale_latents
+from latentddpm.runs import Preempted
 from latentddpm.text import default_text_encoder_path, load_text_encoder
 from latentddpm.training import train_ldm, train_vae
+
+DIFFUSION_LOSS = losses.diffusion_loss  # the real one, for the wrappers that tests patch in
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2  # optimizer steps per run; a checkpoint every EVERY steps
@@ -211,19 +215,19 @@ def test_sigint_checkpoints_the_current_step_exits_0_and_restores_handlers(
         calls.append(None)
         if len(calls) == 4:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 4
-        return losses.diffusion_loss(*args, **kwargs)
+        return DIFFUSION_LOSS(*args, **kwargs)
 
-    monkeypatch.setattr(train_ldm, "diffusion_loss", interrupted_loss)
+    monkeypatch.setattr(losses, "diffusion_loss", interrupted_loss)
     handler = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        train_ldm.main(ldm_args(out))
+        run_main(train_ldm.main, ldm_args(out))  # main raises Preempted; the command line exits 0 on it
     assert exit_info.value.code == 0
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again after the run
     assert f"Received signal {int(signal.SIGINT)} at step 4" in capsys.readouterr().out
     assert read_training_state(out / "checkpoints" / "checkpoint-4")["global_step"] == 4
 
-    monkeypatch.setattr(train_ldm, "diffusion_loss", losses.diffusion_loss)
+    monkeypatch.setattr(losses, "diffusion_loss", DIFFUSION_LOSS)
     resumed = train_ldm.main(ldm_args(out, "--resume_from_checkpoint", "latest"))
     assert_same_unet(resumed, reference)
 
@@ -236,7 +240,7 @@ def nan_loss_at(steps: set[int]):
     calls = []
 
     def loss(*args, **kwargs):
-        mse, vlb = losses.diffusion_loss(*args, **kwargs)
+        mse, vlb = DIFFUSION_LOSS(*args, **kwargs)
         step = len(calls)
         calls.append(step)
         return (mse * float("nan") if step in steps else mse), vlb
@@ -245,7 +249,7 @@ def nan_loss_at(steps: set[int]):
 
 
 def test_single_nan_steps_are_skipped_and_counted(ldm_args, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_loss_at({2, 3}))
+    monkeypatch.setattr(losses, "diffusion_loss", nan_loss_at({2, 3}))
     out = tmp_path / "run"
     argv = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "6", "--max_consecutive_nonfinite", "3"]
     with caplog.at_level("WARNING"):
@@ -266,7 +270,7 @@ def test_single_nan_steps_are_skipped_and_counted(ldm_args, tmp_path, monkeypatc
 def test_consecutive_nan_steps_stop_naming_the_step_and_last_good_checkpoint(
     ldm_args, reference, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_loss_at({4, 5}))
+    monkeypatch.setattr(losses, "diffusion_loss", nan_loss_at({4, 5}))
     out = tmp_path / "run"
     last_good = out / "checkpoints" / "checkpoint-4"
     message = (
@@ -639,9 +643,8 @@ def test_vae_sigterm_checkpoints_the_current_step_and_resume_matches(vae_args, v
         return step_generator(*args, **kwargs)
 
     monkeypatch.setattr(train_vae, "step_generator", preempted_generator)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(Preempted, match="stopped at step 1 by signal"):
         train_vae.main(vae_args(out))
-    assert exit_info.value.code == 0
     assert read_training_state(out / "checkpoints" / "checkpoint-1")["global_step"] == 1
 
     monkeypatch.setattr(train_vae, "step_generator", step_generator)
