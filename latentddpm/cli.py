@@ -78,7 +78,7 @@ def sample(argv: list[str] | None) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
-        generator=torch.Generator(args.device).manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed),  # on the CPU: one seed, the same images on any device
     ).images
     args.out.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(args.out)

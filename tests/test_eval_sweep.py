@@ -169,7 +169,7 @@ def test_evaluate_on_class_captioned_data_reports_class_accuracy_and_labelled_fi
     [
         (["--schedulers", "ddpm,heun"], r"'schedulers' has \['heun'\]"),
         (["--steps", "0"], "'steps' must be positive"),
-        (["--num-samples", "0"], "'num_samples' must be a positive integer"),  # a dash alias
+        (["--num-samples", "0"], "'num_samples' must be > 0"),  # a dash alias
         (["--guidanse", "2"], "Did you mean 'guidance'"),
     ],
 )

@@ -24,7 +24,7 @@ import torch
 import yaml
 from diffusers.utils import make_image_grid
 
-from latentddpm.config import ConfigError, check_ranges, parse_config
+from latentddpm.config import ConfigError, parse_config, positive
 from latentddpm.configs import config_path
 from latentddpm.data.shapes import shapes_prompts
 from latentddpm.eval.shapes_judge import score_shapes, score_shapes_prompts
@@ -37,13 +37,12 @@ class DemoConfig:
     """Settings of `latentddpm demo`."""
 
     output_dir: str = "outputs/demo"  # everything the demo writes goes here
-    steps: int = 25  # sampling steps for the final score
+    steps: int = positive(25)  # sampling steps for the final score
     guidance: float = 3.0  # CFG scale for the final score
     vae_config: str | None = None  # YAML of train-vae keys laid over shapes_vae.yaml
     ldm_config: str | None = None  # YAML of train-ldm keys laid over shapes_ldm.yaml
 
     def validate(self) -> None:
-        check_ranges(self, positive=("steps",))
         for key in ("vae_config", "ldm_config"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():

@@ -40,7 +40,7 @@ from datasets import ClassLabel, Dataset
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, parse_config, save_config
+from ..config import ConfigError, non_negative, parse_config, positive, save_config
 from ..data.shapes import shapes_prompts
 from ..data.sources import load_image_caption_dataset
 from ..data.transforms import pick_caption
@@ -73,8 +73,8 @@ class EvaluateConfig:
     guidance: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0])  # guidance scales
     steps: list[int] = dataclasses.field(default_factory=lambda: [10, 20, 50])  # numbers of denoising steps
     schedulers: list[str] = dataclasses.field(default_factory=lambda: ["ddpm", "ddim", "dpmsolver++"])  # samplers
-    num_samples: int = 100  # images generated per setting
-    batch_size: int = 50  # images per pipeline call
+    num_samples: int = positive(100)  # images generated per setting
+    batch_size: int = positive(50)  # images per pipeline call
     seed: int = 0  # seeds prompts, reference rows, noise and every random draw of the metrics
     out: str = "outputs/evaluate"  # output folder
     features: Literal["auto", "inception", "classifier", "none"] = "auto"  # FID/KID features; auto: Inception
@@ -82,14 +82,15 @@ class EvaluateConfig:
     inception_weights: str | None = None  # pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)
     classifier: str | None = None  # folder of a ReferenceClassifier (`latentddpm train-classifier`)
     clip_model: str | None = None  # a CLIPModel folder with its tokenizer and image processor: adds "clip_score"
-    num_reference: int = 10000  # reference images for the FID/KID statistics
+    num_reference: int = positive(10000)  # reference images for the FID/KID statistics
     shapes_num_images: int = 2000  # shapes data: images generated as the reference set (seed 10000 + seed)
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/latentddpm/reference_statistics)
-    reconstruction_samples: int = 256  # reference images for VAE PSNR/SSIM and latent statistics; 0 skips
-    likelihood_samples: int = 0  # images for the bits/dim bound; 0 skips (each costs T U-Net calls at stride 1)
+    reconstruction_samples: int = non_negative(256)  # reference images for VAE PSNR/SSIM, latent statistics; 0 skips
+    # images for the bits/dim bound; 0 skips (each costs T U-Net calls at stride 1)
+    likelihood_samples: int = non_negative(0)
     # 1 sums all T terms; k > 1 draws one t per block of k above t = k (unbiased; ~T/k + k calls)
-    likelihood_stride: int = 1
-    grid_images: int = 64  # images shown in each setting's sample grid
+    likelihood_stride: int = positive(1)
+    grid_images: int = positive(64)  # images shown in each setting's sample grid
     logs: str | None = None  # TensorBoard folder of the training run, to add training curves to the report
     device: str | None = None  # default: cuda when available, else cpu
 
@@ -104,9 +105,6 @@ class EvaluateConfig:
                 raise ConfigError(f"Config key '{key}' needs at least one value.")
         if min(self.steps) < 1:
             raise ConfigError(f"Config key 'steps' must be positive integers, got {self.steps}.")
-        for key in ("num_samples", "batch_size", "num_reference", "likelihood_stride", "grid_images"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"Config key '{key}' must be a positive integer, got {getattr(self, key)}.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from datasets import ClassLabel, Dataset
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, check_ranges, parse_config
+from ..config import ConfigError, non_negative, parse_config, positive
 from ..data.sources import load_image_caption_dataset
 from .classifier import ReferenceClassifier
 from .features import iter_pixel_batches
@@ -36,34 +36,21 @@ class TrainClassifierConfig:
     image_column: str = "image"  # column holding the images
     caption_column: str = "text"  # column holding the captions (checked to exist by the dataset loader)
     label_column: str = "label"  # the ClassLabel column: the classes to learn
-    resolution: int = 32  # images are centre-cropped and resized to this square
-    max_train_steps: int = 3000  # optimizer steps
-    train_batch_size: int = 128  # images per step
-    learning_rate: float = 2e-3  # peak AdamW learning rate (cosine decay after a 5% warmup)
-    adam_weight_decay: float = 5e-4  # AdamW weight decay
-    num_heldout: int = 5000  # rows held out to measure accuracy; at most half the dataset
+    resolution: int = positive(32)  # images are centre-cropped and resized to this square
+    max_train_steps: int = positive(3000)  # optimizer steps
+    train_batch_size: int = positive(128)  # images per step
+    learning_rate: float = positive(2e-3)  # peak AdamW learning rate (cosine decay after a 5% warmup)
+    adam_weight_decay: float = non_negative(5e-4)  # AdamW weight decay
+    num_heldout: int = positive(5000)  # rows held out to measure accuracy; at most half the dataset
     seed: int = 0  # seeds the split, the initialisation, batches and augmentation
-    max_minutes: float | None = None  # stop training after this many minutes
+    max_minutes: float | None = positive(None)  # stop training after this many minutes
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # channels of each stage of the CNN
-    feature_dim: int = 128  # size of the feature vector (the penultimate layer)
+    feature_dim: int = positive(128)  # size of the feature vector (the penultimate layer)
     output_dir: str = "outputs/classifier"  # the classifier (config.json, safetensors) and metrics.json go here
 
     def validate(self) -> None:
         if not self.dataset:
             raise ConfigError("Config key 'dataset' is required: a class-labelled image dataset.")
-        check_ranges(
-            self,
-            positive=(
-                "resolution",
-                "max_train_steps",
-                "train_batch_size",
-                "learning_rate",
-                "num_heldout",
-                "max_minutes",
-                "feature_dim",
-            ),
-            non_negative=("adam_weight_decay",),
-        )
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
