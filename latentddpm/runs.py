@@ -11,6 +11,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from .config import save_config
+from .optional import import_optional
 
 logger = get_logger(__name__)
 
@@ -22,6 +23,8 @@ def start_run(config) -> Accelerator:
     the number of processes, so accelerate is told not to. The config is saved to `output_dir/train_config.yaml`.
     """
     output_dir = Path(config.output_dir)
+    if config.report_to == "tensorboard":  # accelerate would drop the tracker silently and log nothing
+        import_optional("tensorboard", extra="train", feature="report_to='tensorboard'")
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,

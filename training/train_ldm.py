@@ -57,6 +57,7 @@ from latentddpm.losses import diffusion_loss, min_snr_weights, sample_noise, sam
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
 from latentddpm.nonfinite import NonFiniteGuard
+from latentddpm.optional import import_optional
 from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.runs import start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
+        import_optional("xformers", extra="xformers", feature="enable_xformers")
         unet.enable_xformers_memory_efficient_attention()
     logger.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
 
@@ -310,10 +312,7 @@ def main(argv: list[str] | None = None) -> Path:
         trainable = [p for p in text_encoder.parameters() if p.requires_grad]
         param_groups.append({"params": trainable, "lr": text_encoder_lr * lr_scale})
     if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        bnb = import_optional("bitsandbytes", extra="bitsandbytes", feature="use_8bit_adam")
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW

@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset
 from diffusers.image_processor import VaeImageProcessor
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, parse_config, save_config
 from ..data.shapes import shapes_prompts
 from ..data.sources import load_image_caption_dataset
 from ..data.transforms import pick_caption
+from ..optional import import_optional
 from ..validation import image_grid
 from .clip_score import CLIPScorer
 from .curves import plot_training_curves
@@ -56,6 +56,8 @@ from .fid import compute_statistics, fid_from_statistics, kernel_inception_dista
 from .likelihood import evaluate_likelihood
 from .reconstruction import evaluate_reconstruction
 from .shapes_judge import score_shapes
+
+Figure = import_optional("matplotlib.figure", extra="eval", feature="latentddpm evaluate's plots").Figure
 
 logger = logging.getLogger(__name__)
 
