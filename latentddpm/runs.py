@@ -18,6 +18,7 @@ from diffusers.optimization import SchedulerType
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint, stop_on_signals
 from .config import save_config
 from .nonfinite import NonFiniteGuard
+from .optional import import_optional
 
 logger = get_logger(__name__)
 LR_SCHEDULERS = [s.value for s in SchedulerType]  # the `lr_scheduler` names diffusers' get_scheduler takes
@@ -30,6 +31,8 @@ def start_run(config) -> Accelerator:
     the number of processes, so accelerate is told not to. The config is saved to `output_dir/train_config.yaml`.
     """
     output_dir = Path(config.output_dir)
+    if config.report_to == "tensorboard":  # accelerate would drop the tracker silently and log nothing
+        import_optional("tensorboard", extra="train", feature="report_to='tensorboard'")
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,

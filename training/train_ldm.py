@@ -60,6 +60,7 @@ from latentddpm.latents import vae_scale_factor
 from latentddpm.losses import Objective, training_loss
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
+from latentddpm.optional import import_optional
 from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.runs import LR_SCHEDULERS, RunState, TrainingRun, find_checkpoint, start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
@@ -275,6 +276,7 @@ def load_models(config: TrainLDMConfig) -> Models:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
+        import_optional("xformers", extra="xformers", feature="enable_xformers")
         unet.enable_xformers_memory_efficient_attention()
     logger.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
     use_attention_mask = config.use_attention_mask
@@ -353,10 +355,7 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
         trainable = [p for p in models.text_encoder.parameters() if p.requires_grad]
         param_groups.append({"params": trainable, "lr": text_encoder_lr * lr_scale})
     if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        bnb = import_optional("bitsandbytes", extra="bitsandbytes", feature="use_8bit_adam")
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW

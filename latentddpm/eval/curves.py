@@ -2,9 +2,13 @@
 
 from pathlib import Path
 
+from ..optional import import_optional
+
 # `Figure` without pyplot renders with the Agg canvas and touches no global backend state of the caller.
-from matplotlib.figure import Figure
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+Figure = import_optional("matplotlib.figure", extra="eval", feature="Plotting training curves").Figure
+EventAccumulator = import_optional(
+    "tensorboard.backend.event_processing.event_accumulator", extra="eval", feature="Reading TensorBoard logs"
+).EventAccumulator
 
 
 def load_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -103,7 +103,7 @@ def _build_fid_inception(weights_path: Path) -> tuple[nn.Module, bool]:
         from pytorch_fid.inception import InceptionV3
     except ImportError as error:
         raise ImportError(
-            "The FID Inception-v3 needs `torch-fidelity` or `pytorch-fid` (`pip install torch-fidelity`); without "
+            "The FID Inception-v3 needs `torch-fidelity` or `pytorch-fid` (`pip install 'latentddpm[fid]'`); without "
             "them use the reference classifier (`--features classifier`)."
         ) from error
     cached = find_inception_weights()

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from string import Template
 
-from matplotlib.figure import Figure
+from ..optional import import_optional
 
 # metric -> (what it is, whether higher is better); the order of the table's and the report's columns
 METRICS: dict[str, tuple[str, bool]] = {
@@ -67,6 +67,8 @@ def plot_metric(results: dict, metric: str, path: Path) -> Path:
         metric (`str`): a key of `METRICS`.
         path (`Path`): the PNG to write.
     """
+    # `Figure` without pyplot renders with the Agg canvas and touches no global backend state of the caller.
+    Figure = import_optional("matplotlib.figure", extra="eval", feature="latentddpm evaluate's plots").Figure
     config = results["config"]
     schedulers, all_steps, all_guidance = config["schedulers"], config["steps"], config["guidance"]
     figure = Figure(figsize=(11, 4))
