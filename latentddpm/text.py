@@ -76,6 +76,7 @@ def encode_prompt(
     text_encoder: PreTrainedModel,
     device: torch.device | str | None = None,
     max_length: int | None = None,
+    use_attention_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize and encode prompts to the hidden states the U-Net cross-attends to.
 
@@ -89,10 +90,16 @@ def encode_prompt(
             returns `last_hidden_state`.
         device (`torch.device` or `str`, *optional*): where the token ids go; the encoder's device when `None`.
         max_length (`int`, *optional*): token length; `tokenizer.model_max_length` when `None`.
+        use_attention_mask (`bool`, defaults to `True`): how the model that reads the embeddings was trained (the
+            pipeline's `config.use_attention_mask`). `True` (latentddpm's training): the encoder gets the tokenizer's
+            attention mask and the returned mask marks the padding. `False` (Stable Diffusion's convention): the
+            encoder gets the mask only if `text_encoder.config.use_attention_mask` is true, as in diffusers'
+            `StableDiffusionPipeline.encode_prompt`, and the returned mask is all ones, since the U-Net attends to
+            the padding too.
 
     Returns:
         `(encoder_hidden_states, attention_mask)`: `torch.Tensor` of shape `(B, S, D)` and a `torch.long` mask of
-        shape `(B, S)` that is 1 on real tokens and 0 on padding, with `S = max_length`.
+        shape `(B, S)` that is 1 on the tokens the U-Net attends to and 0 on the others, with `S = max_length`.
     """
     if max_length is None:
         max_length = tokenizer.model_max_length
@@ -114,9 +121,16 @@ def encode_prompt(
     text_inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     input_ids = text_inputs.input_ids.to(device)
     attention_mask = text_inputs.attention_mask.to(device=device, dtype=torch.long)
-    # The model's own forward: a DistributedDataParallel wrapper (a text encoder in training) takes `*inputs`.
-    if "attention_mask" in inspect.signature(getattr(text_encoder, "module", text_encoder).forward).parameters:
-        encoder_hidden_states = text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+    # The model's own forward and config: a DistributedDataParallel wrapper (a text encoder in training) takes
+    # `*inputs` and has no config.
+    model = getattr(text_encoder, "module", text_encoder)
+    encoder_mask = attention_mask
+    if not use_attention_mask:
+        # Stable Diffusion's CLIP text encoders were run without a mask (their config has no `use_attention_mask`).
+        encoder_mask = attention_mask if getattr(model.config, "use_attention_mask", False) else None
+        attention_mask = torch.ones_like(attention_mask)
+    if encoder_mask is not None and "attention_mask" in inspect.signature(model.forward).parameters:
+        encoder_hidden_states = text_encoder(input_ids, attention_mask=encoder_mask).last_hidden_state
     else:
         encoder_hidden_states = text_encoder(input_ids).last_hidden_state
     return encoder_hidden_states, attention_mask

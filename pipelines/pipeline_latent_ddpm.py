@@ -76,6 +76,11 @@ class LatentDDPMPipeline(DiffusionPipeline):
             `variance_type` receive the variance channels. With a learned-variance U-Net, build DPM-Solver with
             `variance_type=None`: diffusers' DPM-Solver keeps the first 3 channels of a learned-variance output
             (written for pixel-space DeepFloyd IF), which is wrong for 4 latent channels.
+        use_attention_mask (`bool`, defaults to `True`): how the U-Net was trained, recorded in `model_index.json`
+            (a folder saved before this key existed loads as `True`). `True` (latentddpm's training): the text
+            encoder gets the tokenizer's attention mask and the U-Net's cross-attention ignores the padding, so
+            `prompt_embeds` must come with their `prompt_attention_mask`. `False` (Stable Diffusion's convention):
+            the U-Net attends to the padding too, and embeddings are taken without a mask.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -89,9 +94,11 @@ class LatentDDPMPipeline(DiffusionPipeline):
         tokenizer: PreTrainedTokenizerBase,
         unet: ConditionalUNet | UNet2DConditionModel,
         scheduler: SchedulerMixin,
+        use_attention_mask: bool = True,
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_to_config(use_attention_mask=use_attention_mask)
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         # Masks stay in [0, 1] and are binarized: 1 marks pixels to repaint, 0 pixels to keep (as in diffusers).
@@ -163,7 +170,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
             negative_prompt_embeds (`torch.Tensor` of shape `(B, S', D)`, *optional*): precomputed unconditional
                 embeddings.
             prompt_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 on real tokens of
-                `prompt_embeds`, 0 on padding; all ones when `None`.
+                `prompt_embeds`, 0 on padding. Required with `prompt_embeds` when `config.use_attention_mask` is true
+                (the model never saw unmasked padding); unused otherwise.
             negative_prompt_attention_mask (`torch.Tensor` of shape `(B, S')`, *optional*): the same for
                 `negative_prompt_embeds`.
 
@@ -171,6 +179,17 @@ class LatentDDPMPipeline(DiffusionPipeline):
             `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`, each
             with `B * num_images_per_prompt` rows; the negative ones are `None` without guidance.
         """
+        if self.config.use_attention_mask:
+            for name, embeds, mask in (
+                ("prompt", prompt_embeds, prompt_attention_mask),
+                ("negative_prompt", negative_prompt_embeds, negative_prompt_attention_mask),
+            ):
+                if embeds is not None and mask is None:
+                    raise ValueError(
+                        f"`{name}_embeds` need their `{name}_attention_mask`: this model was trained with masked"
+                        " padding (`use_attention_mask=True`); pass the mask, or set `use_attention_mask` to False"
+                        " for Stable-Diffusion-style embeddings."
+                    )
         # Prompts and negative prompts that still need encoding go through the text encoder in one batch: one call
         # instead of two is a visible share of a short sampling run.
         texts = []
@@ -182,12 +201,15 @@ class LatentDDPMPipeline(DiffusionPipeline):
             negative_prompt = "" if negative_prompt is None else negative_prompt
             texts += [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
         if texts:
-            embeds, attention_mask = encode_prompt(texts, self.tokenizer, self.text_encoder, device)
+            embeds, attention_mask = encode_prompt(
+                texts, self.tokenizer, self.text_encoder, device, use_attention_mask=self.config.use_attention_mask
+            )
             if prompt_embeds is None:
                 prompt_embeds, prompt_attention_mask = embeds[:batch_size], attention_mask[:batch_size]
             if encode_negative:
                 negative_prompt_embeds = embeds[-batch_size:]
                 negative_prompt_attention_mask = attention_mask[-batch_size:]
+        # Missing masks are refused above with `use_attention_mask`; without it the U-Net attends to every token.
         if prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
         if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
@@ -419,7 +441,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
             negative_prompt_embeds (`torch.Tensor` of shape `(B, S', D)`, *optional*): precomputed unconditional
                 embeddings.
             prompt_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): mask of `prompt_embeds`; 1 on real
-                tokens, 0 on padding.
+                tokens, 0 on padding. Required with `prompt_embeds` when `config.use_attention_mask` is true.
             negative_prompt_attention_mask (`torch.Tensor` of shape `(B, S')`, *optional*): mask of
                 `negative_prompt_embeds`.
             image (`PipelineImageInput`, *optional*): image(s) to edit, one for all prompts or one per prompt. It is
@@ -546,6 +568,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 model_input = torch.cat([latents] * 2)
                 encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
                 encoder_attention_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask])
+            if not self.config.use_attention_mask:
+                encoder_attention_mask = None  # Stable Diffusion's convention: attend to the padding too
             model_input = self.scheduler.scale_model_input(model_input, t)
             model_output = self.unet(
                 model_input,

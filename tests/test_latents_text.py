@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -196,3 +196,29 @@ def test_load_text_encoder_loads_the_default_minilm():
     assert isinstance(text_encoder, BertModel) and text_encoder.config.hidden_size == 384
     hidden_states, mask = encode_prompt(["a red circle above a blue square"], tokenizer, text_encoder, max_length=16)
     assert hidden_states.shape == (1, 16, 384) and torch.isfinite(hidden_states).all()
+
+
+@pytest.mark.parametrize("encoder_uses_mask", [False, True])
+def test_encode_prompt_without_attention_mask_matches_stable_diffusion(tokenizer, encoder_uses_mask):
+    text_encoder = tiny_clip(tokenizer.vocab_size)
+    # CLIP configs have no `use_attention_mask`; diffusers passes the mask only to encoders whose config sets it.
+    text_encoder.config.use_attention_mask = encoder_uses_mask
+    sd_tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path(), model_max_length=8)
+    stable_diffusion = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=sd_tokenizer,
+        unet=None,
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    prompts = ["a red circle", ""]
+    expected, _ = stable_diffusion.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)
+    hidden_states, mask = encode_prompt(prompts, sd_tokenizer, text_encoder, use_attention_mask=False)
+    torch.testing.assert_close(hidden_states.detach(), expected)
+    assert torch.equal(mask, torch.ones((2, 8), dtype=torch.long))
+    masked, _ = encode_prompt(prompts, sd_tokenizer, text_encoder)
+    # the mask reached the encoder exactly when its config asks for it
+    assert encoder_uses_mask == torch.allclose(masked, hidden_states)

@@ -186,6 +186,54 @@ def test_prompt_embeds_give_the_same_images_as_prompts(pipe):
     torch.testing.assert_close(from_embeds, from_prompts)
 
 
+@pytest.mark.parametrize("missing", ["prompt", "negative_prompt"])
+def test_embeds_without_their_mask_are_refused_when_the_model_was_trained_with_masks(pipe, missing):
+    embeds, mask = encode_prompt(PROMPTS, pipe.tokenizer, pipe.text_encoder)
+    masks = {"prompt_attention_mask": mask, "negative_prompt_attention_mask": mask}
+    del masks[f"{missing}_attention_mask"]
+    with pytest.raises(ValueError, match=f"`{missing}_embeds` need their `{missing}_attention_mask`.*masked padding"):
+        pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, num_inference_steps=1, output_type="latent", **masks)
+
+
+def test_without_attention_mask_the_unet_attends_to_padding_and_embeds_need_no_mask(pipe):
+    unmasked = LatentDDPMPipeline(**pipe.components, use_attention_mask=False)
+    unmasked.set_progress_bar_config(disable=True)
+    masks = []
+    hook = unmasked.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["encoder_attention_mask"]), with_kwargs=True
+    )
+    try:
+        from_prompts = unmasked(PROMPTS, num_inference_steps=STEPS, generator=seeded(), output_type="pt").images
+    finally:
+        hook.remove()
+    assert masks == [None] * STEPS
+    # Stable Diffusion's convention: the encoder and the U-Net see the padding (BERT's config has no mask flag).
+    ids = pipe.tokenizer(PROMPTS + ["", ""], padding="max_length", max_length=12, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids).last_hidden_state
+    from_embeds = unmasked(
+        prompt_embeds=embeds[:2],
+        negative_prompt_embeds=embeds[2:],
+        num_inference_steps=STEPS,
+        generator=seeded(),
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(from_embeds, from_prompts)
+    masked = pipe(PROMPTS, num_inference_steps=STEPS, generator=seeded(), output_type="pt").images
+    assert not torch.allclose(masked, from_prompts)
+
+
+def test_use_attention_mask_round_trips_and_old_folders_load_it_as_true(pipe, tmp_path):
+    LatentDDPMPipeline(**pipe.components, use_attention_mask=False).save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["use_attention_mask"] is False
+    assert LatentDDPMPipeline.from_pretrained(tmp_path).config.use_attention_mask is False
+
+    del model_index["use_attention_mask"]  # a folder saved before the key existed
+    (tmp_path / "model_index.json").write_text(json.dumps(model_index))
+    assert LatentDDPMPipeline.from_pretrained(tmp_path).config.use_attention_mask is True
+
+
 def test_negative_prompt_changes_the_images(pipe):
     plain = pipe(PROMPTS, num_inference_steps=STEPS, generator=seeded(), output_type="pt").images
     negative = pipe(
