@@ -18,6 +18,7 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
+from latentddpm import convert
 from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.schedulers import DDPMNoiseScheduler
 
@@ -109,6 +110,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train-ldm": train_ldm,
     "demo": demo,
     "evaluate": evaluate,
+    "convert": convert.main,
 }
 
 
