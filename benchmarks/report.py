@@ -192,6 +192,15 @@ SECTIONS: dict[str, Section] = {
             code_block=False,
         ),
     ),
+    "sd_sampling": Section(
+        "Stable Diffusion: imported pipeline vs StableDiffusionPipeline",
+        command_outputs(
+            _module(
+                "benchmarks.sd_sampling", "--latent_size", "8", "--steps", "50", "--repeats", "2", "--threads", "1"
+            ),
+            code_block=False,
+        ),
+    ),
 }
 
 

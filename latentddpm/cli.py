@@ -120,6 +120,13 @@ def train_classifier(argv: list[str] | None) -> None:
     train_classifier.main(argv)
 
 
+def convert(argv: list[str] | None) -> None:
+    """Convert a pipeline between latentddpm, Stable Diffusion (diffusers folder) and single-file (LDM) formats."""
+    from latentddpm import convert as conversion
+
+    conversion.main(_underscore_keys(argv or []))
+
+
 # command name -> function of the command's arguments; the first line of its docstring is its `--help` line
 COMMANDS: dict[str, Callable[[list[str] | None], object]] = {
     "sample": sample,
@@ -128,6 +135,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], object]] = {
     "demo": demo,
     "evaluate": evaluate,
     "train-classifier": train_classifier,
+    "convert": convert,
 }
 
 

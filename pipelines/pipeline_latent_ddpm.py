@@ -674,3 +674,33 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 create_pr=create_pr,
             )
         return commit.commit_url
+
+    @classmethod
+    def from_stable_diffusion(
+        cls,
+        pipeline_or_path: str | DiffusionPipeline,
+        single_file_config: str | None = None,
+    ) -> "LatentDDPMPipeline":
+        """The pipeline that samples as a Stable Diffusion 1.x/2.x pipeline does, with a `ConditionalUNet`.
+
+        See [`latentddpm.convert.stable_diffusion_components`]: the VAE, text encoder, tokenizer and scheduler are
+        the Stable Diffusion pipeline's own; the U-Net shares its weights; prompts are encoded as Stable Diffusion
+        encodes them (`use_attention_mask=False`).
+
+        Args:
+            pipeline_or_path (`str`, `os.PathLike` or `StableDiffusionPipeline`): a `StableDiffusionPipeline`, a
+                diffusers folder or Hub id, or a single-file checkpoint.
+            single_file_config (`str` or `os.PathLike`, *optional*): for a single file, a diffusers folder or Hub id
+                with the configs of its models.
+        """
+        # Imported here: `latentddpm.convert` builds pipelines of this class.
+        from latentddpm.convert import stable_diffusion_components
+
+        return cls(**stable_diffusion_components(pipeline_or_path, single_file_config))
+
+    def to_stable_diffusion(self) -> DiffusionPipeline:
+        """The diffusers `StableDiffusionPipeline` (no safety checker) with the same weights and images; see
+        [`latentddpm.convert.to_stable_diffusion`] for what cannot be exported."""
+        from latentddpm.convert import to_stable_diffusion
+
+        return to_stable_diffusion(self)
