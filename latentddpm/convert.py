@@ -313,10 +313,15 @@ def load_pretrained_components(
     ):
         pipe = LatentDDPMPipeline.from_pretrained(path_or_repo_id)
         components = {**pipe.components, "use_attention_mask": pipe.config.use_attention_mask}
+        overrides = {}
     else:
         components = stable_diffusion_components(path_or_repo_id, single_file_config)
+        # StableDiffusionPipeline never clips x_0 (its __init__ turns a scheduler's clip_sample off), while a PNDM
+        # config, which has no such key, would get DDPM's default (on).
+        overrides = {"clip_sample": False}
     # Keys of other schedulers (PNDM's `skip_prk_steps`, ...) drop out; missing ones take DDPM's defaults.
-    components["scheduler_config"] = dict(DDPMNoiseScheduler.from_config(components["scheduler"].config).config)
+    scheduler = DDPMNoiseScheduler.from_config(components["scheduler"].config, **overrides)
+    components["scheduler_config"] = dict(scheduler.config)
     return components
 
 

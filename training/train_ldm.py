@@ -82,7 +82,8 @@ NOISE_SCHEDULER_KEYS = sorted(set(inspect.signature(DDPMNoiseScheduler.__init__)
 @dataclass
 class TrainLDMConfig(DataConfig):
     # --- models ---
-    vae: str = "outputs/shapes_vae"  # AutoencoderKL/AutoencoderTiny folder or Hub repo id
+    # AutoencoderKL/AutoencoderTiny folder or Hub repo id; None = the pretrained pipeline's (required without one)
+    vae: str | None = None
     vae_subfolder: str | None = None  # e.g. "vae" for a pipeline repo
     # transformers encoder folder or repo id; None = the pretrained_pipeline's, else all-MiniLM-L6-v2 from pip
     text_encoder: str | None = None
@@ -95,7 +96,10 @@ class TrainLDMConfig(DataConfig):
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = positive(None)  # its peak LR (None = learning_rate); low if pretrained
     unet_config: str = config_file("configs/unet/small.json")  # ConditionalUNet config for a fresh model
-    pretrained_pipeline: str | None = None  # fine-tune the U-Net of this saved pipeline instead
+    # Fine-tune this pipeline (its U-Net, VAE, text encoder, tokenizer and noise process): ours, a Stable Diffusion
+    # diffusers folder or Hub id, or a single-file checkpoint (with `single_file_config`).
+    pretrained_pipeline: str | None = None
+    single_file_config: str | None = None  # for a single-file pretrained_pipeline: a diffusers SD folder or Hub id
     # --- noise scheduler ---
     # DDPMNoiseScheduler keys (the names of diffusers' DDPMScheduler: prediction_type, beta_schedule, variance_type,
     # ...) over the base: the pretrained pipeline's scheduler config, or NEW_MODEL_NOISE_SCHEDULER for a fresh model.
@@ -156,6 +160,10 @@ class TrainLDMConfig(DataConfig):
     hub_model_id: str | None = None  # repo id for push_to_hub
 
     def validate(self) -> None:
+        if self.vae is None and self.pretrained_pipeline is None:
+            raise ConfigError(
+                "Config key 'vae' is required (a trained VAE) unless 'pretrained_pipeline' provides one."
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(f"Config key 'lr_scheduler' must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         if not 0.0 < self.ema_decay < 1.0:
@@ -231,21 +239,22 @@ def load_vae(config: TrainLDMConfig) -> AutoencoderKL | AutoencoderTiny:
     return vae_cls.from_pretrained(config.vae, subfolder=config.vae_subfolder)
 
 
-def build_noise_scheduler(config: TrainLDMConfig) -> DDPMNoiseScheduler:
-    """The pretrained pipeline's noise scheduler (or a fresh model's), with the `noise_scheduler` keys over it."""
-    if not config.pretrained_pipeline:
+def build_noise_scheduler(config: TrainLDMConfig, pretrained: dict | None = None) -> DDPMNoiseScheduler:
+    """The pretrained checkpoint's noise process (`pretrained`: a `DDPMNoiseScheduler` config: betas, prediction type,
+    steps offset, ...) or a fresh model's, with the `noise_scheduler` keys over it; a key that changes the checkpoint's
+    is a deliberate change, and logged as one."""
+    if pretrained is None:
         return DDPMNoiseScheduler(**(NEW_MODEL_NOISE_SCHEDULER | config.noise_scheduler))
-    base = DDPMNoiseScheduler.load_config(config.pretrained_pipeline, subfolder="scheduler")
     for key, value in config.noise_scheduler.items():
-        if key in base and base[key] != value:
-            logger.warning(f"noise_scheduler: {key}={value!r} replaces the pretrained pipeline's {base[key]!r}")
-    return DDPMNoiseScheduler.from_config(base, **config.noise_scheduler)
+        if key in pretrained and pretrained[key] != value:
+            logger.warning(
+                f"noise_scheduler: {key}={value!r} replaces the pretrained checkpoint's {pretrained[key]!r}"
+            )
+    return DDPMNoiseScheduler.from_config(pretrained, **config.noise_scheduler)
 
 
 def build_unet(config: TrainLDMConfig, vae, text_encoder, noise_scheduler: DDPMNoiseScheduler) -> ConditionalUNet:
-    """The pretrained pipeline's U-Net, or a fresh one from `unet_config` sized for this VAE and text encoder."""
-    if config.pretrained_pipeline:
-        return ConditionalUNet.from_pretrained(config.pretrained_pipeline, subfolder="unet")
+    """A fresh U-Net from `unet_config`, sized for this VAE and text encoder."""
     in_channels = vae.config.latent_channels
     learns_variance = noise_scheduler.config.variance_type in ("learned", "learned_range")
     return ConditionalUNet.from_config(
@@ -259,10 +268,16 @@ def build_unet(config: TrainLDMConfig, vae, text_encoder, noise_scheduler: DDPMN
 
 
 def load_models(config: TrainLDMConfig) -> Models:
-    """Frozen VAE, text encoder (frozen unless `train_text_encoder`), our noise scheduler, our U-Net."""
-    vae = load_vae(config).eval().requires_grad_(False)
-    if config.text_encoder is None and config.pretrained_pipeline:
-        tokenizer, text_encoder = load_text_encoder(config.pretrained_pipeline, from_pipeline=True)
+    """Frozen VAE, text encoder (frozen unless `train_text_encoder`), our noise scheduler, our U-Net: from the
+    pretrained pipeline where there is one, unless `vae` / `text_encoder` name others."""
+    pretrained = {}
+    if config.pretrained_pipeline:
+        from latentddpm.convert import load_pretrained_components  # imports Stable Diffusion's pipeline: when needed
+
+        pretrained = load_pretrained_components(config.pretrained_pipeline, config.single_file_config)
+    vae = (load_vae(config) if config.vae else pretrained["vae"]).eval().requires_grad_(False)
+    if config.text_encoder is None and pretrained:
+        tokenizer, text_encoder = pretrained["tokenizer"], pretrained["text_encoder"]
     else:
         tokenizer, text_encoder = load_text_encoder(config.text_encoder or default_text_encoder_path())
     if config.tokenizer_max_length is not None:
@@ -271,20 +286,20 @@ def load_models(config: TrainLDMConfig) -> Models:
     if getattr(text_encoder, "pooler", None) is not None:
         # BERT's pooler is not on the path to `last_hidden_state`: trained, it would get no gradient (and DDP fail).
         text_encoder.pooler.requires_grad_(False)
-    noise_scheduler = build_noise_scheduler(config)
-    unet = build_unet(config, vae, text_encoder, noise_scheduler)
+    noise_scheduler = build_noise_scheduler(config, pretrained.get("scheduler_config"))
+    unet = pretrained["unet"] if pretrained else build_unet(config, vae, text_encoder, noise_scheduler)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
         import_optional("xformers", extra="xformers", feature="enable_xformers")
         unet.enable_xformers_memory_efficient_attention()
     logger.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
-    use_attention_mask = config.use_attention_mask
-    if use_attention_mask is None:  # how the pretrained pipeline reads its prompts; masked padding for a new model
-        use_attention_mask = True
-        if config.pretrained_pipeline:
-            pretrained = LatentDDPMPipeline.load_config(config.pretrained_pipeline)
-            use_attention_mask = pretrained.get("use_attention_mask", True)
+    # How the pretrained model reads its prompts (Stable Diffusion: unmasked); masked padding for a new model.
+    use_attention_mask = pretrained.get("use_attention_mask", True)
+    if config.use_attention_mask is not None:
+        if pretrained and config.use_attention_mask != use_attention_mask:
+            logger.warning(f"use_attention_mask={config.use_attention_mask} replaces the pretrained pipeline's")
+        use_attention_mask = config.use_attention_mask
     return Models(vae, tokenizer, text_encoder, noise_scheduler, unet, use_attention_mask)
 
 
