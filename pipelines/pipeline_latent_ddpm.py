@@ -75,6 +75,20 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
     scale as an embedding instead of classifier-free guidance, as in diffusers' Stable Diffusion and LCM pipelines.
     `from_pretrained(path, vae=None, unet=None)` loads only what [`encode_prompt`] needs.
 
+    Deliberate differences from `StableDiffusionPipeline` (and diffusers' common pipeline tests):
+
+    - [`encode_prompt`] returns the attention masks too, `(embeds, mask, negative_embeds, negative_mask)`, and with
+      `use_attention_mask=True` refuses `prompt_embeds` without their mask; there is no `clip_skip` (the text encoder
+      is any `last_hidden_state` model, see `latentddpm.text`).
+    - Text-encoder LoRA weights of a BERT text encoder (our default) cannot be loaded by `load_lora_weights`:
+      diffusers' text-encoder loader knows CLIP's layer names only (`q_proj`, `k_proj`, `v_proj`, `out_proj`) and
+      fails with "Could not automatically infer state dict type"; U-Net LoRAs load, and LoRA layers put on the text
+      encoder with peft are weighed by `cross_attention_kwargs["scale"]`. With transformers 5, diffusers' text-encoder
+      LoRA loading (CLIP included) also needs peft >= 0.22.
+    - No safety checker, textual inversion (`TextualInversionLoaderMixin`) or `from_single_file`; `guidance_scale`
+      defaults to 3.0.
+    - `vae_scale_factor`, `image_processor` and `mask_processor` follow `self.vae` and raise without one.
+
     Args:
         vae (`AutoencoderKL` or `AutoencoderTiny`): maps images to latents and back; its config's `scaling_factor` and
             `shift_factor` scale the latents (see `latentddpm.latents`).
