@@ -19,10 +19,14 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, Schedul
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline, retrieve_timesteps
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, replace_example_docstring
+from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, upload_folder
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
 from latentddpm.latents import decode_latents, encode_images, vae_scale_factor
 from latentddpm.models import ConditionalUNet
@@ -60,8 +64,30 @@ class LatentDDPMPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class LatentDDPMPipeline(DiffusionPipeline):
+class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin, IPAdapterMixin):
     r"""Text-to-image latent diffusion, with SDEdit image-to-image and inpainting.
+
+    It has Stable Diffusion's loaders and switches: `load_lora_weights`, `save_lora_weights`, `fuse_lora`,
+    `set_adapters`, `unload_lora_weights` (U-Net and text-encoder LoRAs, with peft: `pip install latentddpm[lora]`),
+    `load_ip_adapter` (Ye et al. 2023, https://arxiv.org/abs/2308.06721), `enable_freeu` and `fuse_qkv_projections`.
+    `cross_attention_kwargs` reach the U-Net's attention processors, and its `"scale"` weighs the LoRAs of the U-Net
+    and the text encoder. A U-Net with `time_cond_proj_dim` (a guidance-distilled, LCM-style model) gets the guidance
+    scale as an embedding instead of classifier-free guidance, as in diffusers' Stable Diffusion and LCM pipelines.
+    `from_pretrained(path, vae=None, unet=None)` loads only what [`encode_prompt`] needs.
+
+    Deliberate differences from `StableDiffusionPipeline` (and diffusers' common pipeline tests):
+
+    - [`encode_prompt`] returns the attention masks too, `(embeds, mask, negative_embeds, negative_mask)`, and with
+      `use_attention_mask=True` refuses `prompt_embeds` without their mask; there is no `clip_skip` (the text encoder
+      is any `last_hidden_state` model, see `latentddpm.text`).
+    - Text-encoder LoRA weights of a BERT text encoder (our default) cannot be loaded by `load_lora_weights`:
+      diffusers' text-encoder loader knows CLIP's layer names only (`q_proj`, `k_proj`, `v_proj`, `out_proj`) and
+      fails with "Could not automatically infer state dict type"; U-Net LoRAs load, and LoRA layers put on the text
+      encoder with peft are weighed by `cross_attention_kwargs["scale"]`. With transformers 5, diffusers' text-encoder
+      LoRA loading (CLIP included) also needs peft >= 0.22.
+    - No safety checker, textual inversion (`TextualInversionLoaderMixin`) or `from_single_file`; `guidance_scale`
+      defaults to 3.0.
+    - `vae_scale_factor`, `image_processor` and `mask_processor` follow `self.vae` and raise without one.
 
     Args:
         vae (`AutoencoderKL` or `AutoencoderTiny`): maps images to latents and back; its config's `scaling_factor` and
@@ -81,10 +107,13 @@ class LatentDDPMPipeline(DiffusionPipeline):
             encoder gets the tokenizer's attention mask and the U-Net's cross-attention ignores the padding, so
             `prompt_embeds` must come with their `prompt_attention_mask`. `False` (Stable Diffusion's convention):
             the U-Net attends to the padding too, and embeddings are taken without a mask.
+        image_encoder (`CLIPVisionModelWithProjection`, *optional*): the IP-Adapter's image encoder, registered by
+            `load_ip_adapter` from the adapter's folder.
+        feature_extractor (`CLIPImageProcessor`, *optional*): its image preprocessing, created by `load_ip_adapter`.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = []
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["image_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -95,14 +124,36 @@ class LatentDDPMPipeline(DiffusionPipeline):
         unet: ConditionalUNet | UNet2DConditionModel,
         scheduler: SchedulerMixin,
         use_attention_mask: bool = True,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
         self.register_to_config(use_attention_mask=use_attention_mask)
-        self.vae_scale_factor = vae_scale_factor(vae)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # The VAE-derived attributes follow `self.vae`, which is `None` in a pipeline loaded for `encode_prompt` only.
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            raise ValueError("This pipeline was loaded without a `vae`: load one to make or edit images.")
+        return vae_scale_factor(self.vae)
+
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
         # Masks stay in [0, 1] and are binarized: 1 marks pixels to repaint, 0 pixels to keep (as in diffusers).
-        self.mask_processor = VaeImageProcessor(
+        return VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
 
@@ -116,8 +167,13 @@ class LatentDDPMPipeline(DiffusionPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        # `guidance_scale` is the weight w + 1 of Ho & Salimans 2022, eq. 6: 1 means no guidance.
-        return self._guidance_scale > 1
+        # `guidance_scale` is the weight w + 1 of Ho & Salimans 2022, eq. 6: 1 means no guidance. A U-Net with
+        # `time_cond_proj_dim` was distilled to take the guidance scale as an input instead (`timestep_cond`).
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
 
     @property
     def num_timesteps(self) -> int:
@@ -154,11 +210,13 @@ class LatentDDPMPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         r"""Encode the prompts, and the negative prompts when guiding, repeated `num_images_per_prompt` times.
 
         Without a negative prompt the unconditional embedding is that of the empty prompt `""`, which is what
-        training drops captions to (see `latentddpm.text`).
+        training drops captions to (see `latentddpm.text`). Only the text encoder and the tokenizer are needed: a
+        pipeline loaded with `vae=None, unet=None` encodes too, and then returns the text encoder's dtype.
 
         Args:
             prompt (`str` or `list[str]`, *optional*): the prompts; not needed when `prompt_embeds` is given.
@@ -174,6 +232,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 (the model never saw unmasked padding); unused otherwise.
             negative_prompt_attention_mask (`torch.Tensor` of shape `(B, S')`, *optional*): the same for
                 `negative_prompt_embeds`.
+            lora_scale (`float`, *optional*): the weight of the text encoder's LoRA layers for this call.
 
         Returns:
             `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`, each
@@ -201,9 +260,18 @@ class LatentDDPMPipeline(DiffusionPipeline):
             negative_prompt = "" if negative_prompt is None else negative_prompt
             texts += [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
         if texts:
-            embeds, attention_mask = encode_prompt(
-                texts, self.tokenizer, self.text_encoder, device, use_attention_mask=self.config.use_attention_mask
-            )
+            # As in StableDiffusionPipeline.encode_prompt: the text encoder's LoRA layers take the call's scale and
+            # get their own back afterwards.
+            scale_text_encoder_lora = lora_scale is not None and USE_PEFT_BACKEND
+            if scale_text_encoder_lora:
+                scale_lora_layers(self.text_encoder, lora_scale)
+            try:
+                embeds, attention_mask = encode_prompt(
+                    texts, self.tokenizer, self.text_encoder, device, use_attention_mask=self.config.use_attention_mask
+                )
+            finally:
+                if scale_text_encoder_lora:
+                    unscale_lora_layers(self.text_encoder, lora_scale)
             if prompt_embeds is None:
                 prompt_embeds, prompt_attention_mask = embeds[:batch_size], attention_mask[:batch_size]
             if encode_negative:
@@ -221,7 +289,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
             # (B, ...) -> (B * num_images_per_prompt, ...), the images of one prompt next to each other
             return tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
-        dtype = self.unet.dtype
+        dtype = prompt_embeds.dtype if self.unet is None else self.unet.dtype
         prompt_embeds = repeat(prompt_embeds).to(dtype)
         prompt_attention_mask = repeat(prompt_attention_mask)
         if not do_classifier_free_guidance:
@@ -229,6 +297,12 @@ class LatentDDPMPipeline(DiffusionPipeline):
         negative_prompt_embeds = repeat(negative_prompt_embeds).to(dtype)
         negative_prompt_attention_mask = repeat(negative_prompt_attention_mask)
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    # Stable Diffusion's IP-Adapter image encoding (zero image embeddings for the unconditional branch) and its
+    # guidance embedding, taken as they are, so that the same adapters and guidance-distilled U-Nets behave alike.
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
 
     @staticmethod
     def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
@@ -253,6 +327,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
         latents: torch.Tensor | None,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         """Raise a `ValueError` naming the first bad argument of [`__call__`]."""
         if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
@@ -300,32 +376,23 @@ class LatentDDPMPipeline(DiffusionPipeline):
             raise ValueError("`latents` cannot be combined with `image`: image editing starts from the encoded image.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` has to be one of {OUTPUT_TYPES} but is {output_type!r}.")
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("Pass at most one of `ip_adapter_image` and `ip_adapter_image_embeds`.")
+        if ip_adapter_image_embeds is not None:
+            if not isinstance(ip_adapter_image_embeds, list):
+                raise ValueError(
+                    "`ip_adapter_image_embeds` has to be a list of tensors, one per IP-Adapter, but is a"
+                    f" {type(ip_adapter_image_embeds).__name__}."
+                )
+            ndims = [embeds.ndim for embeds in ip_adapter_image_embeds]
+            if any(ndim not in (3, 4) for ndim in ndims):
+                raise ValueError(f"`ip_adapter_image_embeds` have to be 3D or 4D tensors but have {ndims} dimensions.")
         unknown_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown_inputs:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs} but has"
                 f" {unknown_inputs}."
             )
-
-    def prepare_timesteps(
-        self, num_inference_steps: int, timesteps: list[int] | None, device: torch.device
-    ) -> tuple[torch.Tensor, int]:
-        """Set the scheduler's timesteps, custom ones when given.
-
-        Returns:
-            `(timesteps, num_inference_steps)`: the scheduler's timesteps (`order` per step for multi-stage
-            schedulers such as Heun) and the number of steps, `len(timesteps)` for custom ones.
-        """
-        if timesteps is None:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        elif "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        else:
-            raise ValueError(
-                f"`timesteps` were given but {self.scheduler.__class__.__name__}.set_timesteps does not accept custom"
-                " timesteps; pass `num_inference_steps` instead."
-            )
-        return self.scheduler.timesteps, num_inference_steps if timesteps is None else len(timesteps)
 
     def prepare_latents(
         self,
@@ -394,6 +461,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 3.0,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
@@ -404,11 +472,14 @@ class LatentDDPMPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         image: PipelineImageInput | None = None,
         mask_image: PipelineImageInput | None = None,
         strength: float = 0.8,
         output_type: Literal["pil", "np", "pt", "latent"] = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[["LatentDDPMPipeline", int, torch.Tensor, dict], dict]
         | PipelineCallback
         | MultiPipelineCallbacks
@@ -426,8 +497,13 @@ class LatentDDPMPipeline(DiffusionPipeline):
             num_inference_steps (`int`, defaults to 50): denoising steps; more is slower and usually better.
             timesteps (`list[int]`, *optional*): custom descending timesteps, for schedulers whose `set_timesteps`
                 takes them; overrides `num_inference_steps`.
+            sigmas (`list[float]`, *optional*): custom descending noise levels (e.g. an Align-Your-Steps schedule),
+                for schedulers whose `set_timesteps` takes them, such as `EulerDiscreteScheduler`; overrides
+                `num_inference_steps`. Not with `timesteps`.
             guidance_scale (`float`, defaults to 3.0): classifier-free guidance scale (Ho & Salimans 2022); values
-                `<= 1` disable guidance and its unconditional U-Net pass.
+                `<= 1` disable guidance and its unconditional U-Net pass. A U-Net with `time_cond_proj_dim` gets
+                it as the embedding of `guidance_scale - 1` instead, in one conditional pass (as diffusers' LCM
+                pipeline does).
             guidance_rescale (`float`, defaults to 0.0): rescales the guided prediction towards the standard deviation
                 of the conditional one to fight over-exposure (Lin et al. 2023, section 3.4,
                 https://arxiv.org/abs/2305.08891); 0 disables it.
@@ -444,6 +520,11 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 tokens, 0 on padding. Required with `prompt_embeds` when `config.use_attention_mask` is true.
             negative_prompt_attention_mask (`torch.Tensor` of shape `(B, S')`, *optional*): mask of
                 `negative_prompt_embeds`.
+            ip_adapter_image (`PipelineImageInput` or `list[PipelineImageInput]`, *optional*): the image prompt of
+                each loaded IP-Adapter, encoded by `image_encoder`; the unconditional branch gets zero embeddings.
+            ip_adapter_image_embeds (`list[torch.Tensor]`, *optional*): precomputed image embeddings instead, one
+                tensor per IP-Adapter of shape `(B * num_images_per_prompt, K, D)`, or `(2 * ..., K, D)` holding
+                `[unconditional, conditional]` when guiding, as `prepare_ip_adapter_image_embeds` returns them.
             image (`PipelineImageInput`, *optional*): image(s) to edit, one for all prompts or one per prompt. It is
                 encoded, noised to timestep `strength * T` and denoised from there (SDEdit, Meng et al. 2022,
                 https://arxiv.org/abs/2108.01073).
@@ -456,6 +537,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"` (scaled latents, not
                 decoded).
             return_dict (`bool`, defaults to `True`): return a [`LatentDDPMPipelineOutput`] rather than a tuple.
+            cross_attention_kwargs (`dict`, *optional*): passed to the U-Net's attention processors; its `"scale"`
+                weighs the LoRA layers of the U-Net and the text encoder.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called as
                 `callback_on_step_end(self, i, t, callback_kwargs)` after every step with the tensors named in
                 `callback_on_step_end_tensor_inputs`; the dict it returns may replace them.
@@ -471,6 +554,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 0. Default size: the U-Net's training resolution
+        if self.vae is None or self.unet is None:
+            raise ValueError("This pipeline was loaded without its `vae` or `unet`: it can only `encode_prompt`.")
         if height is None or width is None:
             sample_size = self.unet.config.sample_size
             if sample_size is None:
@@ -495,9 +580,12 @@ class LatentDDPMPipeline(DiffusionPipeline):
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
         batch_size = self._batch_size(prompt, prompt_embeds)
@@ -515,11 +603,19 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 negative_prompt_embeds,
                 prompt_attention_mask,
                 negative_prompt_attention_mask,
+                lora_scale=(cross_attention_kwargs or {}).get("scale"),
             )
         )
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
+            )
 
         # 3. Prepare timesteps; image editing runs only the last `strength` of them (SDEdit)
-        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps, timesteps, device)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         if image is not None:
             t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
             timesteps = timesteps[t_start * self.scheduler.order :]
@@ -552,6 +648,13 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 )
                 mask = F.interpolate(mask, size=shape[2:]).to(dtype)  # (N, 1, h, w), nearest as in diffusers
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        added_cond_kwargs = None if image_embeds is None else {"image_embeds": image_embeds}
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance = torch.tensor(self.guidance_scale - 1).repeat(num_images)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=dtype)
         # Only schedulers that take a `variance_type` (DDPM, DPM-Solver) read variance channels: `from_config` also
         # copies the key into the config of the others (e.g. DDIM) as an unused entry.
         scheduler_reads_variance = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters and (
@@ -575,6 +678,9 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 model_input,
                 t,
                 encoder_hidden_states=encoder_hidden_states,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=self.cross_attention_kwargs,
+                added_cond_kwargs=added_cond_kwargs,
                 encoder_attention_mask=encoder_attention_mask,
                 return_dict=False,
             )[0]

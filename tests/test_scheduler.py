@@ -147,6 +147,30 @@ def test_custom_timesteps_match_diffusers(variance_type):
     assert_sampling_matches_diffusers(config, num_inference_steps=None, timesteps=timesteps, float64_oracle=True)
 
 
+@pytest.mark.parametrize(
+    "variance_type,num_inference_steps,from_config",
+    list(itertools.product(VARIANCE_TYPES, [None, 10], [True, False])),
+)
+def test_get_variance_matches_diffusers(variance_type, num_inference_steps, from_config):
+    # diffusers' value-guided pipeline calls `_get_variance(t)`; its units differ per variance type, and so do ours.
+    # The type comes from the config, or is named in the call on a scheduler configured with another one.
+    configured = variance_type if from_config else "fixed_small" if variance_type != "fixed_small" else "fixed_large"
+    config = dict(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", variance_type=configured)
+    ours, theirs = DDPMNoiseScheduler(**config), DDPMScheduler(**config)
+    theirs.alphas_cumprod = torch.cumprod(1 - theirs.betas.double(), dim=0)  # its math in float64, not its rounding
+    if num_inference_steps is not None:
+        ours.set_timesteps(num_inference_steps)
+        theirs.set_timesteps(num_inference_steps)
+    model_output = dummy_model(torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)), 0, variance_type)
+    predicted_variance = model_output[:, SHAPE[1] :]
+    called_type = None if from_config else variance_type
+    for t in ours.timesteps:
+        torch.testing.assert_close(
+            ours._get_variance(t, predicted_variance, called_type),
+            theirs._get_variance(t, predicted_variance, called_type),
+        )
+
+
 def test_drop_in_attributes_match_diffusers():
     ours, theirs = DDPMNoiseScheduler(num_train_timesteps=T), DDPMScheduler(num_train_timesteps=T)
     assert len(ours) == len(theirs) == T
@@ -612,3 +636,11 @@ def test_model_output_with_the_wrong_channel_count_is_rejected(variance_type, ch
     model_output = torch.zeros(SHAPE[0], channels, *SHAPE[2:])
     with pytest.raises(ValueError, match=rf"model_output has {channels} channels; variance_type '{variance_type}'"):
         scheduler.step(model_output, 10, sample)
+
+
+def test_get_variance_of_a_learned_type_needs_the_predicted_variance():
+    scheduler = DDPMNoiseScheduler(num_train_timesteps=T, variance_type="learned_range")
+    with pytest.raises(ValueError, match="variance_type 'learned_range' needs the model's `predicted_variance`"):
+        scheduler._get_variance(10)
+    with pytest.raises(ValueError, match="variance_type 'bogus' is not supported"):
+        scheduler._get_variance(10, variance_type="bogus")

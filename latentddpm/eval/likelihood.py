@@ -89,16 +89,20 @@ def evaluate_likelihood(
     """
     scheduler = DDPMNoiseScheduler.from_config(pipeline.scheduler.config)
     generator = torch.Generator(pipeline.device).manual_seed(seed)
+    # the text conditioning the U-Net was trained with: masked padding, or Stable Diffusion's unmasked one
+    use_attention_mask = pipeline.config.use_attention_mask
     values = []
     for images, captions in tqdm(batches, total=total, desc="likelihood", leave=False):
         latents = encode_images(pipeline.vae, images.to(pipeline.device) * 2 - 1, generator=generator)
-        hidden_states, attention_mask = encode_prompt(captions, pipeline.tokenizer, pipeline.text_encoder)
+        hidden_states, attention_mask = encode_prompt(
+            captions, pipeline.tokenizer, pipeline.text_encoder, use_attention_mask=use_attention_mask
+        )
         bpd = latent_bits_per_dim(
             pipeline.unet,
             scheduler,
             latents.to(pipeline.unet.dtype),
             hidden_states.to(pipeline.unet.dtype),
-            attention_mask,
+            attention_mask if use_attention_mask else None,
             stride=stride,
             generator=generator,
         )
