@@ -122,9 +122,9 @@ def train_classifier(argv: list[str] | None) -> None:
 
 def convert(argv: list[str] | None) -> None:
     """Convert a pipeline between latentddpm, Stable Diffusion (diffusers folder) and single-file (LDM) formats."""
-    from latentddpm import convert as conversion
+    from latentddpm import interop
 
-    conversion.main(_underscore_keys(argv or []))
+    interop.main(_underscore_keys(argv or []))
 
 
 # command name -> function of the command's arguments; the first line of its docstring is its `--help` line

@@ -14,12 +14,12 @@ from transformers import BertConfig, BertModel, CLIPTokenizer
 
 from latentddpm import ConditionalUNet, LatentDDPMPipeline
 from latentddpm.convert import (
-    load_pretrained_components,
     single_file_state_dict,
     to_stable_diffusion,
     unet_config_from_stable_diffusion,
 )
-from latentddpm.convert import main as convert_main
+from latentddpm.interop import load_pretrained_components
+from latentddpm.interop import main as convert_main
 from latentddpm.schedulers import DDPMNoiseScheduler
 
 PROMPTS = ["a red circle", "a small blue square above a large green triangle"]

@@ -272,7 +272,7 @@ def load_models(config: TrainLDMConfig) -> Models:
     pretrained pipeline where there is one, unless `vae` / `text_encoder` name others."""
     pretrained = {}
     if config.pretrained_pipeline:
-        from latentddpm.convert import load_pretrained_components  # imports Stable Diffusion's pipeline: when needed
+        from latentddpm.interop import load_pretrained_components  # imports Stable Diffusion's pipeline: when needed
 
         pretrained = load_pretrained_components(config.pretrained_pipeline, config.single_file_config)
     vae = (load_vae(config) if config.vae else pretrained["vae"]).eval().requires_grad_(False)
