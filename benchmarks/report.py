@@ -104,7 +104,10 @@ def demo(args: argparse.Namespace) -> Results:
     if "heldout_n" in scores:
         accuracies = ", ".join(f"{k} {scores[f'heldout_{k}_acc']:.3f}" for k in ("color", "shape", "position", "all"))
         lines += ["", f"The {scores['heldout_n']} combinations held out of training, alone: {accuracies}."]
-    return Results([shlex.join(command)], "\n".join(lines), out / "scores.json")
+    # The same pipeline exported to Stable Diffusion's format, sampled by diffusers' own StableDiffusionPipeline.
+    export = _module("benchmarks.sd_export", "--model", str(out / "pipeline"), "--out", str(out / "stable-diffusion"))
+    lines += ["", _run(export).strip()]
+    return Results([shlex.join(command), _shown(export)], "\n".join(lines), out / "scores.json")
 
 
 def schedulers(args: argparse.Namespace) -> Results:

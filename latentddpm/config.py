@@ -276,7 +276,7 @@ def parse_config(cls: type[ConfigT], argv: list[str] | None = None) -> ConfigT:
             for k in loaded:
                 if k not in types_:
                     raise _unknown_key_error(k, list(types_), value)
-            values.update(loaded)
+            values = merge_values(values, loaded)
         else:
             if key not in types_:
                 raise _unknown_key_error(key, list(types_), "the command line")

@@ -150,6 +150,7 @@ def test_vae_stage_writes_a_data_derived_scaling_factor(tmp_path):
             "--block_out_channels", "8,16", "--norm_num_groups", "4",
             "--resolution", "16", "--shapes_num_images", "64", "--num_validation_samples", "8",
             "--train_batch_size", "8", "--max_train_steps", "2", "--scale_samples", "32",
+            "--compute_shift_factor", "true",  # the demo's config turns it off (Stable Diffusion has none)
             "--output_dir", str(tmp_path / "vae"), "--report_to", "none",
         ]
     )  # fmt: skip
