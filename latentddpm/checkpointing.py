@@ -45,6 +45,10 @@ class DamagedCheckpointError(ConfigError):
     """A checkpoint whose files differ from the sizes and sha256 hashes its manifest recorded when it was saved."""
 
 
+class CheckpointNotFoundError(ConfigError, FileNotFoundError):
+    """`resume_from_checkpoint` names a folder that is not a complete checkpoint (a bad value: one line, exit 2)."""
+
+
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `checkpoint_dir`, oldest first."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -117,7 +121,7 @@ def resolve_checkpoint(checkpoint_dir: str | Path, resume_from: str | None) -> P
     no checkpoint yet returns None (a fresh start).
 
     Raises:
-        FileNotFoundError: an explicit path that is not a complete checkpoint.
+        CheckpointNotFoundError: an explicit path that is not a complete checkpoint.
         DamagedCheckpointError: an explicit path to a damaged checkpoint, or `latest` when every checkpoint is
             damaged (starting from scratch instead would prune them).
     """
@@ -140,7 +144,7 @@ def resolve_checkpoint(checkpoint_dir: str | Path, resume_from: str | None) -> P
         return None
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"resume_from_checkpoint={resume_from!r} is not a complete checkpoint (no {STATE_FILE}). "
             f"Complete checkpoints: {[str(p) for p in list_checkpoints(checkpoint_dir)]}"
         )

@@ -124,3 +124,16 @@ def test_demo_override_files_beat_the_shipped_config_and_the_demo_keys(tmp_path)
 def test_demo_rejects_a_missing_override_file():
     with pytest.raises(ConfigError, match="'ldm_config': no file 'missing.yaml'"):
         parse_config(DemoConfig, ["--ldm_config", "missing.yaml"])
+
+
+def test_a_resume_path_that_is_no_checkpoint_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "latentddpm.cli", "train-ldm", "--vae", str(tmp_path), "--resume_from_checkpoint",
+         str(tmp_path / "nope")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: resume_from_checkpoint={str(tmp_path / 'nope')!r} is not a complete checkpoint (no "
+        "training_state.json). Complete checkpoints: []"
+    ]
