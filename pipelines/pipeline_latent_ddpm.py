@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, upload_folder
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
+from latentddpm import convert
 from latentddpm.latents import decode_latents, encode_images, vae_scale_factor
 from latentddpm.models import ConditionalUNet
 from latentddpm.text import encode_prompt
@@ -799,14 +800,9 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
             single_file_config (`str` or `os.PathLike`, *optional*): for a single file, a diffusers folder or Hub id
                 with the configs of its models.
         """
-        # Imported here: `latentddpm.convert` builds pipelines of this class.
-        from latentddpm.convert import stable_diffusion_components
-
-        return cls(**stable_diffusion_components(pipeline_or_path, single_file_config))
+        return cls(**convert.stable_diffusion_components(pipeline_or_path, single_file_config))
 
     def to_stable_diffusion(self) -> DiffusionPipeline:
         """The diffusers `StableDiffusionPipeline` (no safety checker) with the same weights and images; see
         [`latentddpm.convert.to_stable_diffusion`] for what cannot be exported."""
-        from latentddpm.convert import to_stable_diffusion
-
-        return to_stable_diffusion(self)
+        return convert.to_stable_diffusion(self)
