@@ -10,6 +10,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.set_verbosity_error()
 
-    convert([args.model, "--to", "stable-diffusion", "--out", str(args.out)])
+    with contextlib.redirect_stdout(io.StringIO()):  # the command's own one-line JSON summary
+        convert([args.model, "--to", "stable-diffusion", "--out", str(args.out)])
     pipelines = {
         "LatentDDPMPipeline": LatentDDPMPipeline.from_pretrained(args.model),
         "StableDiffusionPipeline (exported)": StableDiffusionPipeline.from_pretrained(str(args.out)),
