@@ -5,6 +5,7 @@ conditioning of latent diffusion (Rombach et al. 2022, https://arxiv.org/abs/211
 `unet_blocks.py` and diffusers' `Attention`, `FeedForward`, `Timesteps` and `TimestepEmbedding`.
 """
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -501,11 +502,14 @@ def to_unet2d_condition_config(config: Mapping[str, Any]) -> dict[str, Any]:
     [`ConditionalUNet`] of `config` (used by the tests as an oracle and by `benchmarks/unet.py` as the baseline).
 
     Args:
-        config (`Mapping`): The `config` of a `ConditionalUNet` (with every field, as `unet.config` has).
+        config (`Mapping`): The `config` of a `ConditionalUNet`: `unet.config`, or a config file's keys (those it
+            leaves out take `ConditionalUNet`'s defaults, as `from_config` gives them).
 
     Returns:
         `dict` of keyword arguments for `UNet2DConditionModel`.
     """
+    parameters = inspect.signature(ConditionalUNet.__init__).parameters.values()
+    config = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | dict(config)
     if config["pooled_projection_dim"] is not None:
         raise ValueError(
             f"`pooled_projection_dim`={config['pooled_projection_dim']} has no `UNet2DConditionModel` equivalent; "
