@@ -419,7 +419,9 @@ def text_conditioning(
         hidden, mask = cache.text(caption_ids)
     else:
         prompts = [cache.prompt(i) for i in caption_ids.tolist()]
-        hidden, mask = encode_prompt(prompts, models.tokenizer, text_encoder, device, models.use_attention_mask)
+        hidden, mask = encode_prompt(
+            prompts, models.tokenizer, text_encoder, device, use_attention_mask=models.use_attention_mask
+        )
     return hidden.to(device), mask.to(device) if models.use_attention_mask else None
 
 
