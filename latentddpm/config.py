@@ -261,9 +261,9 @@ def parse_config(cls: type[ConfigT], argv: list[str] | None = None) -> ConfigT:
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"Expected '--key value', got {arg!r}.")
-        key = arg[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
+        key, equals, value = arg[2:].partition("=")
+        key = key.replace("-", "_")  # only the key: a value such as a path keeps its dashes
+        if equals:
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value = argv[i + 1]

@@ -157,3 +157,9 @@ def test_noise_scheduler_section_overrides_the_new_model_schedule():
     scheduler = build_noise_scheduler(config)
     assert scheduler.config.prediction_type == "epsilon"
     assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.clip_sample is False
+
+
+def test_key_equals_value_keeps_the_dashes_of_the_value(tmp_path):
+    config = parse_config(RangedConfig, [f"--unet={config_path('unet/tiny.json')}", "--section={a-b: c-d}"])
+    assert config.unet == str(config_path("unet/tiny.json")) and config.section == {"a-b": "c-d"}
+    assert parse_config(ToyConfig, ["--prompts=a-b,c-d"]).prompts == ["a-b", "c-d"]
