@@ -16,6 +16,8 @@ star measure what the autoencoder generalises to rather than what it memorised.
 The images are generated here from a seed: the same seed gives the same bytes.
 """
 
+import colorsys
+
 import numpy as np
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
@@ -114,14 +116,19 @@ def render_polygons(polygons: list[tuple[np.ndarray, tuple[int, int, int]]], siz
 
 
 def random_color(rng: np.random.Generator) -> tuple[int, int, int]:
-    """A uniformly random sRGB colour with a channel >= `MIN_PEAK_CHANNEL`, at least `MIN_HELDOUT_COLOR_DISTANCE`
-    from every `HELDOUT_COLORS` entry (rejection sampling)."""
+    """A random sRGB colour of uniform hue, at least `MIN_HELDOUT_COLOR_DISTANCE` from every `HELDOUT_COLORS` entry
+    (rejection sampling).
+
+    Saturation and value are drawn with density 2x on [0, 1] (value then mapped to [`MIN_PEAK_CHANNEL` / 255, 1]), so
+    vivid colours, such as the shapes palette's and those at the edges of the RGB cube, are common: uniform RGB rarely
+    draws a colour with one channel near 255 and another near 0, and an autoencoder trained on it renders them grey.
+    """
     heldout = np.array(list(HELDOUT_COLORS.values()), dtype=np.float64)
     while True:
-        color = rng.integers(0, 256, size=3)
-        if color.max() >= MIN_PEAK_CHANNEL and np.linalg.norm(heldout - color, axis=1).min() >= (
-            MIN_HELDOUT_COLOR_DISTANCE
-        ):
+        hue, saturation, value = rng.uniform(size=3)
+        value = MIN_PEAK_CHANNEL / 255 + (1 - MIN_PEAK_CHANNEL / 255) * np.sqrt(value)
+        color = np.rint(np.array(colorsys.hsv_to_rgb(hue, np.sqrt(saturation), value)) * 255)
+        if np.linalg.norm(heldout - color, axis=1).min() >= MIN_HELDOUT_COLOR_DISTANCE:
             return tuple(int(c) for c in color)
 
 
