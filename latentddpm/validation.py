@@ -44,15 +44,17 @@ def validation_loss(
 
 @contextlib.contextmanager
 def ema_weights(model: torch.nn.Module, ema) -> Iterator[None]:
-    """Swap the EMA weights into `model` (when `ema` is a diffusers `EMAModel`), restoring the trained ones after."""
+    """Swap the EMA weights into `model` (when `ema` is a diffusers `EMAModel`), restoring the trained ones after.
+    The EMA averages the parameters that train: all of the model's, or its LoRA adapters."""
+    trained = [p for p in model.parameters() if p.requires_grad]
     if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+        ema.store(trained)
+        ema.copy_to(trained)
     try:
         yield
     finally:
         if ema is not None:
-            ema.restore(model.parameters())
+            ema.restore(trained)
 
 
 def run_validation(

@@ -11,6 +11,12 @@ are a function of the step (see `latentddpm.batching`), which makes `--resume_fr
 exactly the next batch. The loss of a step is `latentddpm.losses.training_loss`, which validation and the training
 benchmark call too.
 At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
+
+With `lora_rank` > 0 only LoRA adapters train, on the U-Net (and with `text_encoder_lora_rank` the text encoder) of
+`pretrained_pipeline`; checkpoints hold the adapters and their optimizer state, and the run ends with the adapters
+alone, `output_dir/pytorch_lora_weights.safetensors` (diffusers' LoRA format), and the validation grid:
+    accelerate launch training/train_ldm.py --config configs/shapes_ldm.yaml --pretrained_pipeline outputs/shapes_ldm \
+        --lora_rank 4 --learning_rate 1e-4 --output_dir outputs/shapes_lora
 """
 
 from __future__ import annotations
@@ -57,6 +63,19 @@ from latentddpm.config import (
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.latents import vae_scale_factor
+from latentddpm.lora import (
+    LORA_EMA_FILE,
+    UNET_LORA_TARGETS,
+    add_text_encoder_lora,
+    add_unet_lora,
+    load_ema_state,
+    load_lora,
+    lora_config,
+    push_lora_to_hub,
+    save_ema_state,
+    save_lora,
+    text_encoder_lora_targets,
+)
 from latentddpm.losses import Objective, training_loss
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
@@ -100,6 +119,17 @@ class TrainLDMConfig(DataConfig):
     # diffusers folder or Hub id, or a single-file checkpoint (with `single_file_config`).
     pretrained_pipeline: str | None = None
     single_file_config: str | None = None  # for a single-file pretrained_pipeline: a diffusers SD folder or Hub id
+    # --- LoRA ---
+    # Train LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) on the frozen U-Net instead of all its
+    # weights: their rank (0 = full fine-tune). The run then saves the adapters alone, in diffusers' LoRA format:
+    # output_dir/pytorch_lora_weights.safetensors, for `load_lora_weights` (ours, or Stable Diffusion's on an SD base).
+    lora_rank: int = non_negative(0)
+    lora_alpha: float | None = positive(None)  # the update is lora_alpha / lora_rank * B A (None = lora_rank)
+    lora_dropout: float = fraction(0.0)  # dropout on the adapters' input
+    lora_target_modules: list[str] = field(default_factory=UNET_LORA_TARGETS.copy)  # U-Net modules that get adapters
+    # Adapters of this rank on the text encoder's attention too (0 = none; needs lora_rank). Its captions are then
+    # encoded every step, as with train_text_encoder.
+    text_encoder_lora_rank: int = non_negative(0)
     # --- noise scheduler ---
     # DDPMNoiseScheduler keys (the names of diffusers' DDPMScheduler: prediction_type, beta_schedule, variance_type,
     # ...) over the base: the pretrained pipeline's scheduler config, or NEW_MODEL_NOISE_SCHEDULER for a fresh model.
@@ -180,11 +210,25 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError(f"Config key 'evaluation_config': no such file {self.evaluation_config!r}.")
         if self.evaluation_steps and self.evaluation_config is None:
             raise ConfigError("Config key 'evaluation_steps' needs 'evaluation_config' (what to evaluate).")
+        if self.text_encoder_lora_rank and not self.lora_rank:
+            raise ConfigError("Config key 'text_encoder_lora_rank' needs 'lora_rank' (adapters on the U-Net too).")
+        if self.lora_rank and self.train_text_encoder:
+            raise ConfigError(
+                "Config key 'train_text_encoder' fine-tunes the whole text encoder, which a LoRA run (lora_rank) "
+                "keeps frozen: use 'text_encoder_lora_rank' for adapters on it."
+            )
+        if self.lora_rank and not self.lora_target_modules:
+            raise ConfigError("Config key 'lora_target_modules' must name at least one U-Net module for LoRA.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
 
     def objective(self) -> Objective:
         return Objective(self.snr_gamma, self.noise_offset, self.input_perturbation, self.vlb_weight)
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether the text encoder (all of it, or its LoRA adapters) trains: it then encodes each step's captions."""
+        return self.train_text_encoder or self.text_encoder_lora_rank > 0
 
 
 @dataclass
@@ -226,6 +270,7 @@ class Optimisation:
     lr_scheduler: Any
     ema: EMAModel | None
     params: list[torch.nn.Parameter]  # what the optimizer updates (gradient clipping)
+    unet_params: list[torch.nn.Parameter]  # the U-Net's share of them (all its weights, or its adapters): EMA's
 
     @property
     def trained_models(self) -> list[torch.nn.Module]:
@@ -360,12 +405,21 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
 
 
 def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) -> Optimisation:
-    """AdamW (or 8-bit AdamW) over the U-Net (and the text encoder), the LR schedule, EMA; wrapped by accelerate."""
+    """AdamW (or 8-bit AdamW) over the U-Net (and the text encoder), or over their LoRA adapters (added here, after
+    the latent cache was keyed on the base weights), the LR schedule, EMA; wrapped by accelerate."""
+    if config.lora_rank:
+        adapter = partial(lora_config, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        add_unet_lora(models.unet, adapter(config.lora_rank, target_modules=config.lora_target_modules))
+        if config.text_encoder_lora_rank:
+            targets = text_encoder_lora_targets(models.text_encoder)
+            add_text_encoder_lora(models.text_encoder, adapter(config.text_encoder_lora_rank, target_modules=targets))
     lr_scale = 1.0
     if config.scale_lr:
         lr_scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    param_groups = [{"params": list(models.unet.parameters()), "lr": config.learning_rate * lr_scale}]
-    if config.train_text_encoder:
+    unet_params = [p for p in models.unet.parameters() if p.requires_grad]
+    logger.info(f"Trainable U-Net parameters: {sum(p.numel() for p in unet_params) / 1e6:.3f}M")
+    param_groups = [{"params": unet_params, "lr": config.learning_rate * lr_scale}]
+    if config.text_encoder_trains:
         text_encoder_lr = config.text_encoder_learning_rate or config.learning_rate
         trainable = [p for p in models.text_encoder.parameters() if p.requires_grad]
         param_groups.append({"params": trainable, "lr": text_encoder_lr * lr_scale})
@@ -387,7 +441,7 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
         num_training_steps=config.max_train_steps,
     )
     text_encoder = None
-    if config.train_text_encoder:
+    if config.text_encoder_trains:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
             models.unet, models.text_encoder, optimizer, lr_scheduler
         )
@@ -398,16 +452,17 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
     ema = None
     if config.use_ema:
         ema = EMAModel(
-            models.unet.parameters(),
+            unet_params,
             decay=config.ema_decay,
             use_ema_warmup=config.ema_warmup,
             power=config.ema_power,
-            model_cls=ConditionalUNet,
+            # A LoRA run's EMA covers the adapters only: `save_ema_state` writes it, not `save_pretrained`.
+            model_cls=None if config.lora_rank else ConditionalUNet,
             model_config=models.unet.config,
         )
         ema.to(accelerator.device)
     params = [p for group in param_groups for p in group["params"]]
-    return Optimisation(unet, text_encoder, optimizer, lr_scheduler, ema, params)
+    return Optimisation(unet, text_encoder, optimizer, lr_scheduler, ema, params, unet_params)
 
 
 def text_conditioning(
@@ -440,7 +495,7 @@ def validate(config, accelerator, models, optimisation, data, state: RunState, e
     accelerator.log({"train_minutes": state.train_seconds / 60}, step=step)
     for model in optimisation.trained_models:
         model.eval()
-    trained_encoder = models.text_encoder if config.train_text_encoder else None
+    trained_encoder = models.text_encoder if config.text_encoder_trains else None
     metrics = run_validation(
         config,
         accelerator,
@@ -477,16 +532,24 @@ def main(argv: list[str] | None = None) -> Path:
     opt = prepare_optimisation(config, accelerator, models)
 
     def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states
-        if opt.ema is not None:
+        if opt.ema is not None and config.lora_rank:
+            save_ema_state(opt.ema, folder / LORA_EMA_FILE)
+        elif opt.ema is not None:
             opt.ema.save_pretrained(str(folder / "unet_ema"))
         save_config(config, folder / "train_config.yaml")
         write_manifest(data.manifest, folder)
 
+    text_encoder_adapters = models.text_encoder if config.text_encoder_lora_rank else None
+    if config.lora_rank:
+        checkpoint_adapters_only(accelerator, models.unet, text_encoder_adapters)
     run = TrainingRun(accelerator, config, write_extra)
     run.resume(checkpoint)
     if checkpoint is not None and opt.ema is not None:
-        ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
-        opt.ema.load_state_dict(ema_state)
+        if config.lora_rank:
+            load_ema_state(opt.ema, checkpoint / LORA_EMA_FILE)
+        else:
+            ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
+            opt.ema.load_state_dict(ema_state)
         opt.ema.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers("latentddpm", config=tracker_config(config))
@@ -526,7 +589,7 @@ def main(argv: list[str] | None = None) -> Path:
             if run.should_step(grad_norm):
                 opt.optimizer.step()
                 if opt.ema is not None:
-                    opt.ema.step(models.unet.parameters())
+                    opt.ema.step(opt.unet_params)
             opt.optimizer.zero_grad(set_to_none=True)
             opt.lr_scheduler.step()
             state.global_step += 1
@@ -536,7 +599,7 @@ def main(argv: list[str] | None = None) -> Path:
             if state.global_step % config.log_every == 0 or state.global_step == config.max_train_steps:
                 lrs = opt.lr_scheduler.get_last_lr()
                 logs = {"loss": accelerator.reduce(loss, reduction="mean").item(), "lr": lrs[0]}
-                logs |= {"lr_text_encoder": lrs[1]} if config.train_text_encoder else {}
+                logs |= {"lr_text_encoder": lrs[1]} if config.text_encoder_trains else {}
                 logs |= {"grad_norm": grad_norm.item(), "train_minutes": state.train_seconds / 60}
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=state.global_step)
@@ -549,23 +612,62 @@ def main(argv: list[str] | None = None) -> Path:
     return save(config, accelerator, models, opt, data, run)
 
 
-def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation, data: Data, run: TrainingRun) -> Path:
-    """The pipeline with the EMA weights, its config and manifest, the final validation (and evaluation)."""
+def checkpoint_adapters_only(accelerator, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """Make the checkpoints of a LoRA run hold the adapters of `unet` (and `text_encoder`), in the run's final format,
+    instead of the whole frozen models: accelerate's save and load of the prepared models are replaced by
+    [`save_lora`] and [`load_lora`], as diffusers' LoRA examples do. The optimizer state is still accelerate's."""
+
+    def save_adapters(prepared_models, weights: list, folder: str) -> None:
+        if accelerator.is_main_process:
+            save_lora(folder, unet, text_encoder)
+        weights.clear()
+
+    def load_adapters(prepared_models: list, folder: str) -> None:
+        prepared_models.clear()
+        load_lora(folder, unet, text_encoder)
+
+    accelerator.register_save_state_pre_hook(save_adapters)
+    accelerator.register_load_state_pre_hook(load_adapters)
+
+
+def save(
+    config: TrainLDMConfig,
+    accelerator,
+    models: Models,
+    opt: Optimisation,
+    data: Data,
+    run: TrainingRun,
+    trigger_words: list[str] | None = None,
+) -> Path:
+    """The pipeline with the EMA weights (or, for a LoRA run, the adapters alone), its config and manifest, the final
+    validation (and evaluation). `trigger_words` go on a LoRA's model card."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
     if opt.ema is not None:
-        opt.ema.copy_to(models.unet.parameters())
+        opt.ema.copy_to(opt.unet_params)
     metrics = validate(config, accelerator, models, opt, data, run.state, None, config.evaluation_config is not None)
     if accelerator.is_main_process:
         pipeline = models.pipeline()
-        pipeline.save_pretrained(str(output_dir))
+        if config.lora_rank:
+            text_encoder = models.text_encoder if config.text_encoder_lora_rank else None  # with adapters, or None
+            lora_weights = save_lora(output_dir, models.unet, text_encoder)
+        else:
+            pipeline.save_pretrained(str(output_dir))
         save_config(config, output_dir / "train_config.yaml")
         final_metrics = {k: v for k, v in metrics.items() if k != "grid"}  # the grid is saved as a PNG
         final = {"final_metrics": final_metrics, "skipped_steps": run.state.skipped_steps}
         write_manifest(data.manifest | final, output_dir)
-        if config.push_to_hub:
+        if config.push_to_hub and config.lora_rank:
+            push_lora_to_hub(
+                lora_weights,
+                config.hub_model_id,
+                base_model=config.pretrained_pipeline,
+                trigger_words=trigger_words,
+                sample_grid=metrics.get("grid"),
+            )
+        elif config.push_to_hub:
             pipeline.push_to_hub(config.hub_model_id, dataset=config.dataset, sample_grid=metrics.get("grid"))
-        logger.info(f"Saved the pipeline to {output_dir}")
+        logger.info(f"Saved the {'LoRA' if config.lora_rank else 'pipeline'} to {output_dir}")
     accelerator.end_training()
     return output_dir
 
