@@ -272,7 +272,7 @@ def compare_caching(
     def cached(i: int) -> None:
         start = time.perf_counter()
         generator = step_generator(args.seed, i)
-        latents, caption_ids = cache.draw(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
+        latents, caption_ids, _ = cache.draw(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
         train_on("cached", i, start, latents, *cache.text(caption_ids), generator)
 
     def on_the_fly(i: int) -> None:
