@@ -35,7 +35,7 @@ CLASS_IMAGES_RECORD = "class_images.json"
 
 
 def read_image_folder(
-    folder: str | Path, default_caption: str | None, key: str = "instance_data"
+    folder: str | Path, default_caption: str | None, min_size: int = 1, key: str = "instance_data"
 ) -> list[tuple[Path, str]]:
     """The images of `folder` (sorted by name) with their captions: a same-stem `.txt` file's text, else
     `default_caption`.
@@ -43,13 +43,15 @@ def read_image_folder(
     Args:
         folder (`str` or `Path`): the folder; images are files ending in one of `IMAGE_EXTENSIONS`.
         default_caption (`str`, *optional*): the caption of images without a `.txt` file.
+        min_size (`int`, defaults to 1): the smallest accepted side, in pixels.
         key (`str`): the config key that named the folder, for error messages.
 
     Returns:
         `list[tuple[Path, str]]`: `(image path, caption)` rows.
 
     Raises:
-        ConfigError: no such folder, no image in it, an image that does not decode, or one without a caption.
+        ConfigError: no such folder, no image in it, an image that does not decode or is too small, or one without
+            a caption.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -59,7 +61,7 @@ def read_image_folder(
         raise ConfigError(f"Config key '{key}': no image ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}.")
     rows = []
     for path in images:
-        _, reason = decode_rgb(path, min_size=1)
+        _, reason = decode_rgb(path, min_size=min_size)
         if reason is not None:
             raise ConfigError(f"Config key '{key}': {str(path)!r} is {reason}.")
         caption_file = path.with_suffix(".txt")

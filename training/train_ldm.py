@@ -362,7 +362,8 @@ def load_dreambooth_dataset(config: TrainLDMConfig, accelerator, models: Models)
     """DreamBooth's rows: the instance images, then (with prior preservation) the class images, which the pretrained
     pipeline generates now where they are missing. Returns a dataset of image paths and captions, its fingerprint
     and the number of class rows."""
-    rows = read_image_folder(config.instance_data, config.instance_prompt)
+    # Every image checked here (size included): `prepare_image_dataset` then drops none, which would shift class rows.
+    rows = read_image_folder(config.instance_data, config.instance_prompt, config.min_image_size)
     class_rows = []
     if config.with_prior_preservation:
         settings = ClassImageSettings(
