@@ -259,6 +259,12 @@ def test_dreambooth_with_prior_preservation_and_masked_loss_resumes_bitwise(base
         (["--instance_data", "no/such/folder"], "'instance_data': no such folder"),
         (["--with_prior_preservation"], "'with_prior_preservation' needs 'class_prompt'"),
         (["--num_validation_samples", "8"], "'num_validation_samples' holds out rows of 'dataset'"),
+        (["--instance_data", "none", "--with_prior_preservation"], "'with_prior_preservation' needs 'instance_data'"),
+        (
+            ["--with_prior_preservation", "--class_prompt", "a circle", "--pretrained_pipeline", "none", "--vae", "x"],
+            "'with_prior_preservation' needs 'pretrained_pipeline'",
+        ),
+        (["--masked_loss", "--noise_scheduler", "{variance_type: learned_range}"], "'masked_loss' does not work"),
     ],
 )
 def test_bad_dreambooth_config_fails_before_training(base, tmp_path, extra, message):
@@ -266,4 +272,4 @@ def test_bad_dreambooth_config_fails_before_training(base, tmp_path, extra, mess
     with pytest.raises(ConfigError, match=message) as error:
         train_ldm.main(dreambooth_args(base, tmp_path, instance, *extra))
     assert "\n" not in str(error.value)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
