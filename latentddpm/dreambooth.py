@@ -15,6 +15,7 @@ and an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -123,10 +124,10 @@ class ClassImageSettings:
         )
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(temporary path)`, then rename it to `path`: `path` either is complete or does not exist."""
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file, then rename it to `path`: `path` either is complete or does not exist."""
     tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -165,7 +166,7 @@ def generate_class_images(
             f"Config key 'class_data_dir': {str(folder)!r} holds class images of another base pipeline or other "
             "settings; delete it or choose another folder."
         )
-    _write_atomically(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    _write_atomically(record_path, json.dumps(record, indent=2).encode())
 
     rows = [(folder / f"{i:05d}.png", settings.prompts[i % len(settings.prompts)]) for i in range(num_images)]
     missing = [i for i, (path, _) in enumerate(rows) if not path.is_file()]
@@ -189,8 +190,10 @@ def generate_class_images(
             path, prompt = rows[i]
             if not path.is_file():
                 # The caption first: the image's arrival marks the pair complete.
-                _write_atomically(path.with_suffix(".txt"), lambda tmp, prompt=prompt: tmp.write_text(prompt))
-                _write_atomically(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+                _write_atomically(path.with_suffix(".txt"), prompt.encode())
+                png = io.BytesIO()
+                image.save(png, format="PNG")
+                _write_atomically(path, png.getvalue())
                 progress.update(1)
     progress.close()
     return rows
