@@ -111,9 +111,11 @@ def diffusion_loss(
     else:
         if learns_variance:
             raise ValueError("loss_mask does not apply to a learned variance: its VLB term is one number per sample.")
-        # The weighted mean over positions and channels: sum(m * e) / (C * sum(m)).
+        # The weighted mean over positions and channels: sum(m * e) / (C * sum(m)); 0 for an empty mask (an image
+        # transparent everywhere), not 0 / 0.
         mask = loss_mask.to(squared_error.dtype)
-        mse = (squared_error * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * channels)
+        area = mask.sum(dim=(1, 2, 3)).clamp_min(torch.finfo(mask.dtype).tiny)
+        mse = (squared_error * mask).sum(dim=(1, 2, 3)) / (area * channels)
 
     vlb = None
     if learns_variance:

@@ -164,12 +164,15 @@ def test_masked_loss_is_the_mean_squared_error_over_the_mask(pipe):
     mask = torch.zeros((2, 1, 8, 8))
     mask[0, :, :3, :5] = 1.0  # a box
     mask[1, :, 4:, :] = 0.5  # a half-weighted band: a weighted mean is still the mean over the band
+    empty = torch.zeros_like(mask)
     with torch.no_grad():
         got, _ = diffusion_loss(pipe.unet, scheduler, latents, noise, timesteps, hidden, loss_mask=mask)
+        nothing, _ = diffusion_loss(pipe.unet, scheduler, latents, noise, timesteps, hidden, loss_mask=empty)
         prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
     error = (prediction - scheduler.get_target(latents, noise, timesteps)) ** 2
     expected = torch.stack([error[0, :, :3, :5].mean(), error[1, :, 4:, :].mean()])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert torch.equal(nothing, torch.zeros(2))  # an image transparent everywhere teaches nothing (not NaN)
 
 
 def test_alpha_channel_becomes_the_latent_loss_mask_of_each_view(pipe, tmp_path):
