@@ -34,11 +34,11 @@ def validation_loss(
     (`cache.text`) by default.
     """
     generator = step_generator(seed, micro_step=0, process_index=10_000)
-    latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.0)
+    latents, caption_ids, loss_mask = cache.draw(rows, vae, generator, caption_dropout=0.0)
     device = next(unet.parameters()).device
     hidden, mask = (text or cache.text)(caption_ids)
     hidden, mask = hidden.to(device), None if mask is None else mask.to(device)
-    loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator)
+    loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator, loss_mask)
     return loss.item()
 
 

@@ -8,8 +8,11 @@ The VAE is frozen and so, by default, is the text encoder; their outputs are pre
 (`cache_dir`), so the loop only runs the U-Net. With `train_text_encoder` the text encoder is trained along with the
 U-Net and encodes each step's captions (still drawn from the cache, which holds them). Batches and every random draw
 are a function of the step (see `latentddpm.batching`), which makes `--resume_from_checkpoint latest` continue at
-exactly the next batch. The loss of a step is `latentddpm.losses.training_loss`, which validation and the training
-benchmark call too.
+exactly the next batch. The loss of a step is the mean of `latentddpm.losses.training_losses` (`training_loss`, which
+validation and the training benchmark call too).
+DreamBooth (`instance_data`, see `latentddpm.dreambooth`) trains on a folder of a few images instead of `dataset`;
+with prior preservation each micro-batch also holds as many class images, generated once by the pretrained pipeline,
+and the loss is the instance rows' mean + `prior_loss_weight` * the class rows' mean.
 At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
 
 With `lora_rank` > 0 only LoRA adapters train, on the U-Net (and with `text_encoder_lora_rank` the text encoder) of
@@ -32,12 +35,13 @@ from typing import Any, Literal
 
 import torch
 from accelerate.logging import get_logger
+from datasets import Dataset
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from latentddpm.batching import ShuffledStream, seed_global_rng, step_generator
+from latentddpm.batching import PairedStream, ShuffledStream, seed_global_rng, step_generator
 from latentddpm.cache import (
     LatentCache,
     build_latent_cache,
@@ -62,6 +66,14 @@ from latentddpm.config import (
 )
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
+from latentddpm.dreambooth import (
+    ClassImageSettings,
+    generate_class_images,
+    prior_preservation_loss,
+    read_image_folder,
+    read_prompts,
+    rows_fingerprint,
+)
 from latentddpm.latents import vae_scale_factor
 from latentddpm.lora import (
     LORA_EMA_FILE,
@@ -76,7 +88,7 @@ from latentddpm.lora import (
     save_lora,
     text_encoder_lora_targets,
 )
-from latentddpm.losses import Objective, training_loss
+from latentddpm.losses import Objective, training_losses
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
 from latentddpm.optional import import_optional
@@ -141,6 +153,27 @@ class TrainLDMConfig(DataConfig):
     input_perturbation: float = non_negative(0.0)  # input perturbation scale (Ning et al. 2023; 0 = off)
     caption_dropout: float = fraction(0.1)  # probability of training on the empty prompt (enables CFG)
     vlb_weight: float = non_negative(0.001)  # lambda of L_hybrid = L_simple + lambda * L_vlb when variance is learned
+    # --- DreamBooth (latentddpm.dreambooth; Ruiz et al. 2023) ---
+    # A folder of a few images of one subject, trained on instead of `dataset`. An image's caption is the text of the
+    # .txt file of the same name beside it (kohya's and diffusers' convention), else `instance_prompt`.
+    instance_data: str | None = None
+    instance_prompt: str | None = None  # the caption of instance images without a .txt file, e.g. "a sks star"
+    # The subject's class, for prior preservation: a prompt, a YAML list of prompts (class image i gets prompt i mod
+    # their number) or a .txt file of one prompt per line (the way to give several on the command line).
+    class_prompt: str | list[str] | None = None
+    # Also train, in the same step, on class images the pretrained pipeline generated before fine-tuning
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = non_negative(1.0)  # loss = instance loss + prior_loss_weight * class loss
+    num_class_images: int = positive(100)  # class images generated (once, kept on disk) and trained on
+    # Where class images are kept (00000.png + 00000.txt, ...; a killed generation resumes), None = a folder of
+    # cache_dir/class_images named by the hash of the pipeline and the settings below
+    class_data_dir: str | None = None
+    sample_batch_size: int = positive(4)  # class images per pipeline call
+    class_inference_steps: int = positive(25)  # sampling steps of a class image
+    class_guidance_scale: float = 3.0  # CFG scale of the class images
+    # Images with an alpha channel train where they are opaque only (their alpha, averaged over each latent pixel's
+    # patch, weights the loss); opaque images train everywhere. Any dataset, not only instance_data.
+    masked_loss: bool = False
     # --- optimisation ---
     train_batch_size: int = positive(64)  # per process, per micro-batch
     gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
@@ -221,6 +254,26 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError("Config key 'lora_target_modules' must name at least one U-Net module for LoRA.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
+        self.validate_dreambooth()
+
+    def validate_dreambooth(self) -> None:
+        if self.instance_data is None:
+            if self.with_prior_preservation:
+                raise ConfigError("Config key 'with_prior_preservation' needs 'instance_data' (the subject's images).")
+            return
+        if not Path(self.instance_data).is_dir():
+            raise ConfigError(f"Config key 'instance_data': no such folder {self.instance_data!r}.")
+        if self.num_validation_samples:
+            raise ConfigError(
+                "Config key 'num_validation_samples' holds out rows of 'dataset', which DreamBooth ('instance_data') "
+                "does not read: set it to 0."
+            )
+        if self.with_prior_preservation and self.class_prompt is None:
+            raise ConfigError("Config key 'with_prior_preservation' needs 'class_prompt' (what class images show).")
+        if self.with_prior_preservation and self.pretrained_pipeline is None:
+            raise ConfigError(
+                "Config key 'with_prior_preservation' needs 'pretrained_pipeline' (the base that draws class images)."
+            )
 
     def objective(self) -> Objective:
         return Objective(self.snr_gamma, self.noise_offset, self.input_perturbation, self.vlb_weight)
@@ -257,9 +310,11 @@ class Models:
 @dataclass
 class Data:
     cache: LatentCache  # latents (posterior moments) and text embeddings of every row
-    stream: ShuffledStream  # the training rows of each micro-step and process
+    stream: ShuffledStream | PairedStream  # the training rows of each micro-step and process
     validation_rows: torch.Tensor  # rows held out for the validation loss
     manifest: dict  # what produced this run (config, data fingerprint, cache key, versions)
+    # With prior preservation, how many rows of each micro-batch are instance rows (the rest are class rows)
+    num_instance_rows: int | None = None
 
 
 @dataclass
@@ -348,11 +403,47 @@ def load_models(config: TrainLDMConfig) -> Models:
     return Models(vae, tokenizer, text_encoder, noise_scheduler, unet, use_attention_mask)
 
 
+def load_dreambooth_dataset(config: TrainLDMConfig, accelerator, models: Models) -> tuple[Dataset, str, int]:
+    """DreamBooth's rows: the instance images, then (with prior preservation) the class images, which the pretrained
+    pipeline generates now where they are missing. Returns a dataset of image paths and captions, its fingerprint
+    and the number of class rows."""
+    # Every image checked here (size included): `prepare_image_dataset` then drops none, which would shift class rows.
+    rows = read_image_folder(config.instance_data, config.instance_prompt, config.min_image_size)
+    class_rows = []
+    if config.with_prior_preservation:
+        settings = ClassImageSettings(
+            prompts=tuple(read_prompts(config.class_prompt)),
+            resolution=config.resolution,
+            num_inference_steps=config.class_inference_steps,
+            guidance_scale=config.class_guidance_scale,
+            seed=config.seed,
+            batch_size=config.sample_batch_size,
+        )
+        pipeline = models.pipeline().to(accelerator.device)  # the base: nothing has trained yet
+        key = settings.key(pipeline)
+        folder = config.class_data_dir or Path(config.cache_dir) / "class_images" / key
+        with accelerator.main_process_first():
+            class_rows = generate_class_images(
+                pipeline, settings, key, config.num_class_images, folder, accelerator.is_local_main_process
+            )
+        logger.info(f"Class images: {len(class_rows)} in {folder}")
+    rows += class_rows
+    columns = {config.image_column: [str(path) for path, _ in rows], config.caption_column: [c for _, c in rows]}
+    return Dataset.from_dict(columns), rows_fingerprint(rows), len(class_rows)
+
+
 def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
     """The latent cache (built once by the main process, keyed by content), the row stream and held-out rows."""
-    dataset = config.load_dataset(config.seed)
-    fingerprint = dataset_fingerprint(dataset)
-    key = cache_key(
+    if config.masked_loss and models.noise_scheduler.config.variance_type in ("learned", "learned_range"):
+        raise ConfigError("Config key 'masked_loss' does not work with a learned variance (its VLB is per sample).")
+    models.vae.to(accelerator.device)
+    models.text_encoder.to(accelerator.device)
+    if config.instance_data is None:
+        dataset = config.load_dataset(config.seed)
+        fingerprint, num_class_rows = dataset_fingerprint(dataset), 0
+    else:
+        dataset, fingerprint, num_class_rows = load_dreambooth_dataset(config, accelerator, models)
+    key_parts = dict(
         dataset=fingerprint,
         columns=[config.image_column, config.caption_column],
         vae=tensor_fingerprint(models.vae),
@@ -364,9 +455,10 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
         min_image_size=config.min_image_size,
         use_attention_mask=models.use_attention_mask,
     )
+    if config.masked_loss:  # only then, so that the caches of earlier runs keep their keys
+        key_parts["masked_loss"] = True
+    key = cache_key(**key_parts)
     folder = Path(config.cache_dir) / key
-    models.vae.to(accelerator.device)
-    models.text_encoder.to(accelerator.device)
     with accelerator.main_process_first():
         cache = load_latent_cache(folder)
         if cache is None and accelerator.is_main_process:
@@ -385,6 +477,7 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
                 device=accelerator.device,
                 seed=config.seed,
                 use_attention_mask=models.use_attention_mask,
+                loss_mask=config.masked_loss,
             )
             save_latent_cache(cache, folder)
         else:
@@ -393,14 +486,23 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
         cache = load_latent_cache(folder)
     logger.info(f"Cache: {len(cache)} images, latent stats {latent_stats(cache, models.vae)}")
 
-    num_rows = len(cache) - config.num_validation_samples
+    # The rows: training rows (DreamBooth's instance rows), then DreamBooth's class rows, then held-out rows.
+    num_rows = len(cache) - num_class_rows - config.num_validation_samples
     if num_rows <= 0:
         raise ConfigError(f"num_validation_samples={config.num_validation_samples} leaves no training rows.")
+    stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
+    num_instance_rows = None
+    if num_class_rows:  # each micro-batch: train_batch_size instance rows, then as many class rows
+        class_stream = ShuffledStream(
+            num_class_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed + 1
+        )
+        stream, num_instance_rows = PairedStream(stream, class_stream, offset=num_rows), config.train_batch_size
     return Data(
         cache=cache,
-        stream=ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed),
-        validation_rows=torch.arange(num_rows, len(cache)),
+        stream=stream,
+        validation_rows=torch.arange(len(cache) - config.num_validation_samples, len(cache)),
         manifest=build_manifest(config_to_dict(config), config.seed, fingerprint, cache_key=key),
+        num_instance_rows=num_instance_rows,
     )
 
 
@@ -575,12 +677,19 @@ def main(argv: list[str] | None = None) -> Path:
                 generator = step_generator(config.seed, micro_step, accelerator.process_index)
                 seed_global_rng(config.seed, micro_step, accelerator.process_index)
                 rows = data.stream.indices(micro_step, accelerator.process_index)
-                latents, caption_ids = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
+                latents, caption_ids, loss_mask = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
                 with no_sync(accelerator, opt.trained_models, skip=micro < accum - 1), accelerator.autocast():
                     hidden, mask = text_conditioning(caption_ids, data.cache, models, encoder, device)
-                    micro_loss, _ = training_loss(
-                        opt.unet, models.noise_scheduler, latents.to(device), hidden, mask, objective, generator
+                    latents = latents.to(device)
+                    sample_losses, _ = training_losses(
+                        opt.unet, models.noise_scheduler, latents, hidden, mask, objective, generator, loss_mask
                     )
+                    if data.num_instance_rows is None:
+                        micro_loss = sample_losses.mean()
+                    else:
+                        micro_loss = prior_preservation_loss(
+                            sample_losses, data.num_instance_rows, config.prior_loss_weight
+                        )
                     accelerator.backward(micro_loss / accum)
                 loss += micro_loss.detach() / accum
 
@@ -637,10 +746,9 @@ def save(
     opt: Optimisation,
     data: Data,
     run: TrainingRun,
-    trigger_words: list[str] | None = None,
 ) -> Path:
     """The pipeline with the EMA weights (or, for a LoRA run, the adapters alone), its config and manifest, the final
-    validation (and evaluation). `trigger_words` go on a LoRA's model card."""
+    validation (and evaluation). A DreamBooth LoRA's card names its `instance_prompt` as the trigger words."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
     if opt.ema is not None:
@@ -662,7 +770,7 @@ def save(
                 lora_weights,
                 config.hub_model_id,
                 base_model=config.pretrained_pipeline,
-                trigger_words=trigger_words,
+                trigger_words=[config.instance_prompt] if config.instance_prompt else None,
                 sample_grid=metrics.get("grid"),
             )
         elif config.push_to_hub:
