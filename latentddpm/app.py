@@ -201,7 +201,9 @@ def build_demo(model: str, lora: list[str] = (), device: str | None = None) -> "
                 ]
             with gr.Column():
                 gallery = gr.Gallery(label="Images", format="png", object_fit="contain", height=512, elem_id="gallery")
-                command = gr.Code(label="Reproduce with `latentddpm sample`", language="shell", elem_id="command")
+                command = gr.Code(
+                    label="Reproduce with `latentddpm sample`", language="shell", wrap_lines=True, elem_id="command"
+                )
 
         def on_generate(values: dict, progress=gr.Progress()):  # noqa: B008 (gradio injects the progress bar)
             adapter_weights = {name: values[slider] for name, slider in zip(served.adapters, weights)}
@@ -224,7 +226,7 @@ def build_demo(model: str, lora: list[str] = (), device: str | None = None) -> "
         inputs = {prompt, negative_prompt, steps, guidance, seed, random_seed, sampler, num_images}
         inputs |= {height_slider, width_slider, active, *weights}
         for trigger in (button.click, prompt.submit):
-            trigger(on_generate, inputs, [gallery, command, seed])
+            trigger(on_generate, inputs, [gallery, command, seed], show_progress_on=gallery)
     return demo
 
 

@@ -92,6 +92,12 @@ def test_switching_adapters_changes_the_images_and_switching_back_restores_them(
     np.testing.assert_array_equal(draw({"style": 1.0}), styled)
 
 
+def test_progress_is_reported_after_every_denoising_step(served):
+    reports = []
+    served.generate(served.settings(**PAGE), progress=lambda steps, desc: reports.append(steps))
+    assert reports == [(1, 3), (2, 3), (3, 3)]
+
+
 def test_a_random_seed_is_drawn_and_shown_in_the_command(served):
     settings = served.settings(**{**PAGE, "seed": None, "random_seed": True})
     assert 0 <= settings.seed <= MAX_SEED and f"--seed {settings.seed} " in settings.command()

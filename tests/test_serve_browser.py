@@ -98,7 +98,9 @@ def generate_in_page(driver, url: str, prompt: str) -> tuple[np.ndarray, str]:
     image = wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#gallery img")))
     with urllib.request.urlopen(image.get_attribute("src")) as response:
         pixels = np.asarray(PIL.Image.open(io.BytesIO(response.read())).convert("RGB"))
-    command = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#command .cm-content").text.strip())
+    # textContent: the command's one line as the DOM holds it, not as it wraps on screen
+    code = (By.CSS_SELECTOR, "#command .cm-content")
+    command = wait.until(lambda d: d.find_element(*code).get_attribute("textContent"))
     return pixels, command
 
 
