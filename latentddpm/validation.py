@@ -107,6 +107,11 @@ def run_validation(
     return metrics
 
 
+def evaluation_dir(output_dir: str | Path, step: int) -> Path:
+    """Where `run_evaluation` at `step` writes its report (`metrics.json`, `report.html`, grids)."""
+    return Path(output_dir) / "evaluation" / f"step-{step}"
+
+
 def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline, output_dir: str, step: int) -> dict:
     """`latentddpm evaluate` on the model being trained (EMA weights swapped in), its metrics logged to the trackers.
 
@@ -133,7 +138,7 @@ def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline
                 "--model",
                 str(output_dir),
                 "--out",
-                str(Path(output_dir) / "evaluation" / f"step-{step}"),
+                str(evaluation_dir(output_dir, step)),
                 "--device",
                 str(accelerator.device),
             ],

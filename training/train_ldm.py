@@ -10,13 +10,16 @@ U-Net and encodes each step's captions (still drawn from the cache, which holds 
 are a function of the step (see `latentddpm.batching`), which makes `--resume_from_checkpoint latest` continue at
 exactly the next batch. The loss of a step is `latentddpm.losses.training_loss`, which validation and the training
 benchmark call too.
-At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
+At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`, with a
+model card (`README.md`: the recipe, the validation grid, the evaluation's metrics). `push_to_hub` commits it to
+`hub_model_id`, and with `hub_strategy` every checkpoint too, in the background (see `latentddpm.hub`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,16 +59,18 @@ from latentddpm.config import (
 )
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
+from latentddpm.hub import STAGING, HubStrategy, HubUploader, hardware_description
 from latentddpm.latents import vae_scale_factor
 from latentddpm.losses import Objective, training_loss
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
 from latentddpm.optional import import_optional
 from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.pipelines.model_card import TrainingRecipe, write_training_model_card
 from latentddpm.runs import LR_SCHEDULERS, RunState, TrainingRun, find_checkpoint, start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
-from latentddpm.validation import run_evaluation, run_validation
+from latentddpm.validation import ema_weights, evaluation_dir, run_evaluation, run_validation
 
 logger = get_logger(__name__)
 # The noise scheduler of a fresh model, under the `noise_scheduler` keys. Cosine betas (Nichol & Dhariwal 2021) and
@@ -145,7 +150,8 @@ class TrainLDMConfig(DataConfig):
     seed: int = 0  # seeds model init, data order and every random draw
     checkpointing_steps: int = non_negative(500)  # save a checkpoint every N optimizer steps (0 = never)
     checkpoints_total_limit: int | None = positive(3)  # keep at most N checkpoints
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    # "latest", a checkpoint folder, or a Hub repo id: its last-checkpoint/ (hub_strategy: checkpoint) is downloaded
+    resume_from_checkpoint: str | None = None
     report_to: str = "tensorboard"  # tensorboard, wandb, all or none
     log_every: int = positive(10)  # log loss and LR every N steps
     validation_steps: int = non_negative(500)  # sample the validation prompts every N steps (0 = only at the end)
@@ -158,6 +164,12 @@ class TrainLDMConfig(DataConfig):
     evaluation_steps: int = non_negative(0)  # evaluate (and validate) every N steps (0 = only at the end)
     push_to_hub: bool = False  # upload the final pipeline with a model card
     hub_model_id: str | None = None  # repo id for push_to_hub
+    # What push_to_hub commits while training (transformers' Trainer names): "end" only the final pipeline;
+    # "every_save" each checkpoint's pipeline too, in the background; "checkpoint" also the checkpoint itself, as
+    # last-checkpoint/ (for --resume_from_checkpoint <hub_model_id> on another machine).
+    hub_strategy: HubStrategy = "end"
+    hub_private_repo: bool | None = None  # whether a newly created repo is private (None: the Hub's default)
+    hub_license: str = "apache-2.0"  # the model card's license (a fine-tuned model's is often its base model's)
 
     def validate(self) -> None:
         if self.vae is None and self.pretrained_pipeline is None:
@@ -182,6 +194,11 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError("Config key 'evaluation_steps' needs 'evaluation_config' (what to evaluate).")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
+        if self.hub_strategy != "end" and not (self.push_to_hub and self.checkpointing_steps):
+            raise ConfigError(
+                f"Config key 'hub_strategy' {self.hub_strategy!r} commits checkpoints: it needs push_to_hub and "
+                "checkpointing_steps > 0."
+            )
 
     def objective(self) -> Objective:
         return Objective(self.snr_gamma, self.noise_offset, self.input_perturbation, self.vlb_weight)
@@ -482,7 +499,20 @@ def main(argv: list[str] | None = None) -> Path:
         save_config(config, folder / "train_config.yaml")
         write_manifest(data.manifest, folder)
 
-    run = TrainingRun(accelerator, config, write_extra)
+    hardware = hardware_description(accelerator)  # on every process: it gathers their device names
+    uploader = None
+    if config.push_to_hub:
+
+        def write_hub_folder(folder: Path) -> None:  # what a checkpoint commits: the pipeline as it would be saved now
+            with ema_weights(models.unet, opt.ema):
+                models.pipeline().save_pretrained(str(folder))
+            write_card(folder, config, training_recipe(config, accelerator, data, opt, run.state, hardware))
+
+        staging = Path(config.output_dir) / STAGING
+        uploader = HubUploader(
+            config.hub_model_id, config.hub_strategy, write_hub_folder, staging, private=config.hub_private_repo
+        )
+    run = TrainingRun(accelerator, config, write_extra, uploader)
     run.resume(checkpoint)
     if checkpoint is not None and opt.ema is not None:
         ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
@@ -546,11 +576,55 @@ def main(argv: list[str] | None = None) -> Path:
                 if evaluation or (config.validation_steps and state.global_step % config.validation_steps == 0):
                     validate(config, accelerator, models, opt, data, state, opt.ema, evaluation)
     progress.close()
-    return save(config, accelerator, models, opt, data, run)
+    return save(config, accelerator, models, opt, data, run, hardware)
 
 
-def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation, data: Data, run: TrainingRun) -> Path:
-    """The pipeline with the EMA weights, its config and manifest, the final validation (and evaluation)."""
+def training_recipe(
+    config: TrainLDMConfig, accelerator, data: Data, opt: Optimisation, state: RunState, hardware: str
+) -> TrainingRecipe:
+    """How the pipeline was trained up to `state`, for its model card."""
+    return TrainingRecipe(
+        dataset=config.dataset,
+        num_images=data.stream.num_rows,
+        steps=state.global_step,
+        max_train_steps=config.max_train_steps,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        learning_rate=opt.optimizer.param_groups[0]["initial_lr"],  # the U-Net's peak, scaled when `scale_lr`
+        lr_scheduler=config.lr_scheduler,
+        mixed_precision=config.mixed_precision,
+        hardware=hardware,
+        train_minutes=state.train_seconds / 60,
+        base_model=config.pretrained_pipeline,
+    )
+
+
+def write_card(folder: Path, config: TrainLDMConfig, recipe: TrainingRecipe, grid=None, evaluation=None) -> Path:
+    """The model card (`README.md`) of the pipeline saved in `folder`, with the validation grid and the metrics of
+    the evaluation (`metrics.json` of `latentddpm evaluate`) when there are any."""
+    return write_training_model_card(
+        folder,
+        recipe,
+        evaluation=evaluation,
+        repo_id=config.hub_model_id,
+        sample_grid=grid,
+        training_config=config_to_dict(config),
+        license=config.hub_license,
+    )
+
+
+def save(
+    config: TrainLDMConfig,
+    accelerator,
+    models: Models,
+    opt: Optimisation,
+    data: Data,
+    run: TrainingRun,
+    hardware: str,
+) -> Path:
+    """The pipeline with the EMA weights, its config, manifest and model card, the final validation (and evaluation);
+    with `push_to_hub`, committed after the pending checkpoint commits."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
     if opt.ema is not None:
@@ -563,9 +637,15 @@ def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation,
         final_metrics = {k: v for k, v in metrics.items() if k != "grid"}  # the grid is saved as a PNG
         final = {"final_metrics": final_metrics, "skipped_steps": run.state.skipped_steps}
         write_manifest(data.manifest | final, output_dir)
-        if config.push_to_hub:
-            pipeline.push_to_hub(config.hub_model_id, dataset=config.dataset, sample_grid=metrics.get("grid"))
+        evaluation = None
+        if config.evaluation_config is not None:
+            metrics_file = evaluation_dir(output_dir, run.state.global_step) / "metrics.json"
+            evaluation = json.loads(metrics_file.read_text())
+        recipe = training_recipe(config, accelerator, data, opt, run.state, hardware)
+        write_card(output_dir, config, recipe, metrics.get("grid"), evaluation)
         logger.info(f"Saved the pipeline to {output_dir}")
+        if run.uploader is not None:
+            logger.info(f"Pushed the pipeline to {run.uploader.push_final(output_dir)}")
     accelerator.end_training()
     return output_dir
 
