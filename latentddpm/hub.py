@@ -118,6 +118,7 @@ class HubUploader:
             OSError: the upload failed `UPLOAD_ATTEMPTS` times; everything is still in `folder`.
         """
         self.wait()
+        self._executor.shutdown()  # nothing is queued after the final commit
         return self._upload(folder, "End of training", ignore_patterns=FINAL_IGNORE_PATTERNS).commit_url
 
     def _commit_checkpoint(self, folder: Path, step: int) -> None:

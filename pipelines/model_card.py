@@ -11,8 +11,6 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from latentddpm.eval.report import METRICS
-
 if TYPE_CHECKING:
     from .pipeline_latent_ddpm import LatentDDPMPipeline
 
@@ -167,6 +165,13 @@ class TrainingRecipe:
         return f"## Training\n\n| | |\n|---|---|\n{table}"
 
 
+def _measured_metrics(rows: list[dict]) -> list[str]:
+    """The metrics of `latentddpm evaluate` (its `METRICS`, in their column order) that `rows` hold."""
+    from latentddpm.eval.report import METRICS  # here: importing the pipeline must not import the evaluation stack
+
+    return [metric for metric in METRICS if any(metric in row for row in rows)]
+
+
 def _setting(row: dict) -> str:
     return f"{row['scheduler']}, {row['steps']} steps, guidance {row['guidance']:g}"
 
@@ -180,8 +185,8 @@ def evaluation_results(evaluation: dict) -> list[EvalResult]:
     dataset["dataset_split"] = config["split"]
     results = []
     for row in evaluation["rows"]:
-        for metric in METRICS:
-            if metric == "seconds_per_image" or not math.isfinite(row.get(metric, math.nan)):
+        for metric in _measured_metrics([row]):
+            if metric == "seconds_per_image" or not math.isfinite(row[metric]):
                 continue
             args = {"num_samples": config["num_samples"], "scheduler": row["scheduler"]}
             args |= {"num_inference_steps": row["steps"], "guidance_scale": row["guidance"]}
@@ -215,7 +220,7 @@ def evaluation_results(evaluation: dict) -> list[EvalResult]:
 def evaluation_section(evaluation: dict, step: int) -> str:
     """The `## Evaluation` section: what was measured, on how many samples, and the table of every setting."""
     config, rows = evaluation["config"], evaluation["rows"]
-    measured = [m for m in METRICS if any(m in row for row in rows)]
+    measured = _measured_metrics(rows)
     lines = [
         f"## Evaluation\n\n`latentddpm evaluate` at step {step} on `{config['data']}` (split `{config['split']}`): "
         f"{config['num_samples']} samples per setting, seed {config['seed']}."
