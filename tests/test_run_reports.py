@@ -1,7 +1,8 @@
 """What a training run reports besides its weights: images in the trackers (wandb in offline mode, read back with
 wandb's own reader of its run file) and the model card of the saved pipeline. One tiny `train_ldm` run (2 steps,
-validated at each, evaluated at the end) serves every test."""
+validated at each, evaluated at the end) serves the tests that need one."""
 
+import io
 import json
 import subprocess
 import sys
@@ -11,12 +12,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from test_training import ldm_args
 
 from latentddpm.eval.report import METRICS
 from latentddpm.pipelines.model_card import TrainingRecipe, write_training_model_card
+from latentddpm.trackers import log_images
 from latentddpm.training import train_ldm
 
 PROMPTS = ["a red circle in the center", "a blue square in the top left"]
@@ -154,3 +158,24 @@ def test_card_metadata_names_hub_base_models_and_datasets_only(tmp_path):
     metadata = ModelCard.load(local / "README.md").data
     assert metadata.datasets is None and metadata.base_model is None  # local paths: on the card's text only
     assert f"| Base model | `{local}` |" in (local / "README.md").read_text()
+
+
+def test_tensorboard_gets_the_images_as_one_strip_and_captions_must_match(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accelerator = Accelerator(
+        log_with="tensorboard", project_config=ProjectConfiguration(tmp_path, logging_dir=tmp_path / "logs")
+    )
+    accelerator.init_trackers("images")
+    images = [PIL.Image.new("RGB", (8, 8), color) for color in ("red", "blue")]
+    with pytest.raises(ValueError, match="one caption per image, got 1 for 2 images"):
+        log_images(accelerator, "validation", images, ["a red square"], step=3)
+    log_images(accelerator, "validation", images, ["a red square", "a blue square"], step=3)
+    accelerator.end_training()
+
+    [event_file] = (tmp_path / "logs").rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    [image] = events.Images("validation")
+    strip = np.asarray(PIL.Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    assert image.step == 3 and np.array_equal(strip, np.concatenate([np.asarray(i) for i in images], axis=1))
