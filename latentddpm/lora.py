@@ -1,29 +1,24 @@
 """LoRA adapters for fine-tuning (Hu et al. 2021, https://arxiv.org/abs/2106.09685), with peft as diffusers'
 `train_text_to_image_lora.py` does: add them to the U-Net (and the text encoder), save and restore them in diffusers'
 LoRA format (`pytorch_lora_weights.safetensors`, which `load_lora_weights` of our pipeline and of Stable Diffusion's
-reads), and push them to the Hub with a LoRA model card."""
+reads); `train_ldm` writes their model card and pushes them (see `latentddpm.hub`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import PIL.Image
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import EMAModel, _set_state_dict_into_text_encoder
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from huggingface_hub import create_repo, upload_folder
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .optional import import_optional
 from .pipelines import LatentDDPMPipeline
-from .pipelines.model_card import write_lora_model_card
 
 if TYPE_CHECKING:
     import peft
@@ -134,69 +129,3 @@ def load_ema_state(ema: EMAModel, path: str | os.PathLike) -> None:
         state = json.loads(file.metadata()["ema_state"])
         state["shadow_params"] = [file.get_tensor(f"shadow_params.{i}") for i in range(len(file.keys()))]
     ema.load_state_dict(state)
-
-
-def prepare_lora_hub_folder(
-    weights: str | os.PathLike,
-    save_dir: str | os.PathLike,
-    *,
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    trigger_words: list[str] | None = None,
-    sample_grid: PIL.Image.Image | None = None,
-) -> Path:
-    """Everything [`push_lora_to_hub`] uploads, in `save_dir`: the LoRA file alone (no base model) and its model card
-    (see [`write_lora_model_card`]) with the sample grid.
-
-    Args:
-        weights (`str` or `os.PathLike`): the `pytorch_lora_weights.safetensors` to upload.
-        save_dir (`str` or `os.PathLike`): an empty folder.
-        repo_id (`str`, *optional*): the Hub repository, for the card.
-        base_model (`str`, *optional*): the pipeline the adapter was trained on (a Hub id), for the card.
-        trigger_words (`list[str]`, *optional*): prompts or words that call up what it learned.
-        sample_grid (`PIL.Image.Image`, *optional*): samples to show on the card.
-
-    Returns:
-        `Path`: `save_dir`.
-    """
-    shutil.copy(weights, Path(save_dir) / LORA_WEIGHT_NAME_SAFE)
-    write_lora_model_card(
-        save_dir, repo_id=repo_id, base_model=base_model, trigger_words=trigger_words, sample_grid=sample_grid
-    )
-    return Path(save_dir)
-
-
-def push_lora_to_hub(
-    weights: str | os.PathLike,
-    repo_id: str,
-    *,
-    base_model: str | None = None,
-    trigger_words: list[str] | None = None,
-    sample_grid: PIL.Image.Image | None = None,
-    token: str | None = None,
-    private: bool | None = None,
-) -> str:
-    """Upload a LoRA file with its model card, as [`prepare_lora_hub_folder`] lays them out.
-
-    Args:
-        weights (`str` or `os.PathLike`): the `pytorch_lora_weights.safetensors` to upload.
-        repo_id (`str`): the Hub repository, `"user/name"`; created if missing.
-        base_model, trigger_words, sample_grid: for the card, see [`prepare_lora_hub_folder`].
-        token (`str`, *optional*): Hub token; the cached login when `None`.
-        private (`bool`, *optional*): whether a newly created repository is private.
-
-    Returns:
-        `str`: the URL of the commit.
-    """
-    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as folder:
-        prepare_lora_hub_folder(
-            weights,
-            folder,
-            repo_id=repo_id,
-            base_model=base_model,
-            trigger_words=trigger_words,
-            sample_grid=sample_grid,
-        )
-        commit = upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload LoRA", token=token)
-    return commit.commit_url

@@ -6,14 +6,16 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
+import PIL.Image
 import torch
 from diffusers.utils import make_image_grid
 
 from .batching import step_generator
+from .data.shapes import shapes_prompts
 from .eval.sampling import grid_shape
 from .eval.shapes_judge import score_shapes_prompts
 from .losses import Objective, training_loss
+from .trackers import log_images
 
 
 @torch.no_grad()
@@ -90,16 +92,13 @@ def run_validation(
             grid = make_image_grid(images, *grid_shape(len(images)))
             grid.save(out_dir / f"step-{step}.png")
             metrics["grid"] = grid
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_images(
-                        "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
-                    )
+            log_images(accelerator, "validation", images, config.validation_prompts, step)
         if config.validation_shapes_score:
             scores, shape_images = score_shapes_prompts(
                 pipeline, config.validation_inference_steps, config.validation_guidance_scale, seed=config.seed
             )
             make_image_grid(shape_images, rows=6, cols=15).save(out_dir / f"shapes-step-{step}.png")
+            log_images(accelerator, "validation/shapes", shape_images, shapes_prompts(), step)
             metrics.update({f"shapes_{k}": v for k, v in scores.items()})
 
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -108,6 +107,11 @@ def run_validation(
     )
     accelerator.wait_for_everyone()
     return metrics
+
+
+def evaluation_dir(output_dir: str | Path, step: int) -> Path:
+    """Where `run_evaluation` at `step` writes its report (`metrics.json`, `report.html`, grids)."""
+    return Path(output_dir) / "evaluation" / f"step-{step}"
 
 
 def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline, output_dir: str, step: int) -> dict:
@@ -136,7 +140,7 @@ def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline
                 "--model",
                 str(output_dir),
                 "--out",
-                str(Path(output_dir) / "evaluation" / f"step-{step}"),
+                str(evaluation_dir(output_dir, step)),
                 "--device",
                 str(accelerator.device),
             ],
@@ -145,9 +149,13 @@ def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline
         model.eval()
         with ema_weights(model, ema):
             results = evaluate(eval_config, pipeline=make_pipeline())
+        # One caption for each setting's grid: its prompts in reading order (every setting samples the same ones).
+        caption = " | ".join(results["grid_prompts"])
         for row in results["rows"]:
             setting = f"{row['scheduler']}-{row['steps']}-cfg{row['guidance']:g}"
             metrics.update({f"eval/{setting}/{k}": v for k, v in row.items() if k in METRICS})
+            with PIL.Image.open(Path(eval_config.out) / row["grid"]) as grid:
+                log_images(accelerator, f"eval/{setting}/samples", [grid], [caption], step)
         for group, values in results["model_metrics"].items():
             metrics.update({f"eval/{group}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
         accelerator.log(metrics, step=step)

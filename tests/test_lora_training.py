@@ -4,11 +4,11 @@ gives our images, and the adapter goes to the Hub alone with a LoRA model card."
 
 import json
 
-import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import filter_repo_objects
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_sd import make_clip_tokenizer, make_stable_diffusion
@@ -16,7 +16,8 @@ from transformers import BertConfig, BertModel
 
 from latentddpm import LatentDDPMPipeline
 from latentddpm.config import ConfigError
-from latentddpm.lora import prepare_lora_hub_folder, text_encoder_lora_targets
+from latentddpm.hub import FINAL_IGNORE_PATTERNS
+from latentddpm.lora import text_encoder_lora_targets
 from latentddpm.pipelines.model_card import write_lora_model_card
 from latentddpm.training import train_ldm
 
@@ -140,19 +141,26 @@ def test_inconsistent_lora_keys_are_refused(extra, message, tmp_path):
         train_ldm.main(["--vae", "unused", "--output_dir", str(tmp_path), *extra])
 
 
-def test_lora_hub_folder_holds_the_adapter_alone_with_a_valid_card(lora_run, tmp_path):
-    grid = PIL.Image.open(lora_run / "validation" / "step-4.png")
-    trigger_words = ["a sks star", "sks"]
-    card = {"repo_id": "user/shapes-lora", "base_model": "user/shapes", "trigger_words": trigger_words}
-    folder = prepare_lora_hub_folder(lora_run / LORA_FILE, tmp_path, **card, sample_grid=grid)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", LORA_FILE, "sample_grid.png"]
+def test_lora_run_hands_on_the_adapter_alone_with_a_valid_card(lora_run):
+    # what `push_to_hub` commits at the end: the output folder without FINAL_IGNORE_PATTERNS (see tests/test_hub.py)
+    files = [p.relative_to(lora_run).as_posix() for p in lora_run.rglob("*") if p.is_file()]
+    pushed = set(filter_repo_objects(files, ignore_patterns=FINAL_IGNORE_PATTERNS))  # upload_folder's own filter
+    assert {LORA_FILE, "README.md", "sample_grid.png"} <= pushed
+    assert not any(name.endswith(".safetensors") and name != LORA_FILE for name in pushed)  # no base model weights
     # the card's YAML parses back into the Hub's model-card metadata (what the Hub validates), in its LoRA conventions
-    card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == "user/shapes" and card.data.instance_prompt == "a sks star"
+    card = ModelCard.load(lora_run / "README.md")
     assert "lora" in card.data.tags and card.data.library_name == "diffusers"
-    assert card.data.pipeline_tag == "text-to-image"
+    assert card.data.pipeline_tag == "text-to-image" and card.data.base_model is None  # a local base: text only
+    assert "## Training" in card.text and "| Steps | 4 |" in card.text and "![samples](sample_grid.png)" in card.text
+
+
+def test_lora_card_of_a_hub_base_names_it_and_the_trigger_words(tmp_path):
+    write_lora_model_card(
+        tmp_path, repo_id="user/shapes-lora", base_model="user/shapes", trigger_words=["a sks star", "sks"]
+    )
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "user/shapes" and card.data.instance_prompt == "a sks star"
     assert 'pipe.load_lora_weights("user/shapes-lora")' in card.text and "- `sks`" in card.text
-    assert "![samples](sample_grid.png)" in card.text
 
 
 def test_lora_card_names_a_local_base_in_the_text_only(tmp_path):

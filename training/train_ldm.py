@@ -13,7 +13,9 @@ validation and the training benchmark call too).
 DreamBooth (`instance_data`, see `latentddpm.dreambooth`) trains on a folder of a few images instead of `dataset`;
 with prior preservation each micro-batch also holds as many class images, generated once by the pretrained pipeline,
 and the loss is the instance rows' mean + `prior_loss_weight` * the class rows' mean.
-At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
+At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`, with a
+model card (`README.md`: the recipe, the validation grid, the evaluation's metrics). `push_to_hub` commits it to
+`hub_model_id`, and with `hub_strategy` every checkpoint too, in the background (see `latentddpm.hub`).
 
 With `lora_rank` > 0 only LoRA adapters train, on the U-Net (and with `text_encoder_lora_rank` the text encoder) of
 `pretrained_pipeline`; checkpoints hold the adapters and their optimizer state, and the run ends with the adapters
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,6 +77,7 @@ from latentddpm.dreambooth import (
     read_prompts,
     rows_fingerprint,
 )
+from latentddpm.hub import STAGING, HubStrategy, HubUploader, hardware_description
 from latentddpm.latents import vae_scale_factor
 from latentddpm.lora import (
     LORA_EMA_FILE,
@@ -83,7 +87,6 @@ from latentddpm.lora import (
     load_ema_state,
     load_lora,
     lora_config,
-    push_lora_to_hub,
     save_ema_state,
     save_lora,
     text_encoder_lora_targets,
@@ -93,10 +96,16 @@ from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
 from latentddpm.optional import import_optional
 from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.pipelines.model_card import (
+    TrainingRecipe,
+    training_sections,
+    write_lora_model_card,
+    write_training_model_card,
+)
 from latentddpm.runs import LR_SCHEDULERS, RunState, TrainingRun, find_checkpoint, start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
-from latentddpm.validation import run_evaluation, run_validation
+from latentddpm.validation import ema_weights, evaluation_dir, run_evaluation, run_validation
 
 logger = get_logger(__name__)
 # The noise scheduler of a fresh model, under the `noise_scheduler` keys. Cosine betas (Nichol & Dhariwal 2021) and
@@ -208,7 +217,8 @@ class TrainLDMConfig(DataConfig):
     seed: int = 0  # seeds model init, data order and every random draw
     checkpointing_steps: int = non_negative(500)  # save a checkpoint every N optimizer steps (0 = never)
     checkpoints_total_limit: int | None = positive(3)  # keep at most N checkpoints
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    # "latest", a checkpoint folder, or a Hub repo id: its last-checkpoint/ (hub_strategy: checkpoint) is downloaded
+    resume_from_checkpoint: str | None = None
     report_to: str = "tensorboard"  # tensorboard, wandb, all or none
     log_every: int = positive(10)  # log loss and LR every N steps
     validation_steps: int = non_negative(500)  # sample the validation prompts every N steps (0 = only at the end)
@@ -221,6 +231,12 @@ class TrainLDMConfig(DataConfig):
     evaluation_steps: int = non_negative(0)  # evaluate (and validate) every N steps (0 = only at the end)
     push_to_hub: bool = False  # upload the final pipeline with a model card
     hub_model_id: str | None = None  # repo id for push_to_hub
+    # What push_to_hub commits while training (transformers' Trainer names): "end" only the final pipeline;
+    # "every_save" each checkpoint's pipeline too, in the background; "checkpoint" also the checkpoint itself, as
+    # last-checkpoint/ (for --resume_from_checkpoint <hub_model_id> on another machine).
+    hub_strategy: HubStrategy = "end"
+    hub_private_repo: bool | None = None  # whether a newly created repo is private (None: the Hub's default)
+    hub_license: str = "apache-2.0"  # the model card's license (a fine-tuned model's is often its base model's)
 
     def validate(self) -> None:
         if self.vae is None and self.pretrained_pipeline is None:
@@ -254,6 +270,11 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError("Config key 'lora_target_modules' must name at least one U-Net module for LoRA.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
+        if self.hub_strategy != "end" and not (self.push_to_hub and self.checkpointing_steps):
+            raise ConfigError(
+                f"Config key 'hub_strategy' {self.hub_strategy!r} commits checkpoints: it needs push_to_hub and "
+                "checkpointing_steps > 0."
+            )
         self.validate_dreambooth()
 
     def validate_dreambooth(self) -> None:
@@ -644,7 +665,20 @@ def main(argv: list[str] | None = None) -> Path:
     text_encoder_adapters = models.text_encoder if config.text_encoder_lora_rank else None
     if config.lora_rank:
         checkpoint_adapters_only(accelerator, models.unet, text_encoder_adapters)
-    run = TrainingRun(accelerator, config, write_extra)
+    hardware = hardware_description(accelerator)  # on every process: it gathers their device names
+    uploader = None
+    if config.push_to_hub:
+
+        def write_hub_folder(folder: Path) -> None:  # what a checkpoint commits: the pipeline as it would be saved now
+            with ema_weights(models.unet, opt.ema):
+                save_trained(folder, config, models)
+            write_card(folder, config, training_recipe(config, accelerator, data, opt, run.state, hardware))
+
+        staging = Path(config.output_dir) / STAGING
+        uploader = HubUploader(
+            config.hub_model_id, config.hub_strategy, write_hub_folder, staging, private=config.hub_private_repo
+        )
+    run = TrainingRun(accelerator, config, write_extra, uploader)
     run.resume(checkpoint)
     if checkpoint is not None and opt.ema is not None:
         if config.lora_rank:
@@ -718,7 +752,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if evaluation or (config.validation_steps and state.global_step % config.validation_steps == 0):
                     validate(config, accelerator, models, opt, data, state, opt.ema, evaluation)
     progress.close()
-    return save(config, accelerator, models, opt, data, run)
+    return save(config, accelerator, models, opt, data, run, hardware)
 
 
 def checkpoint_adapters_only(accelerator, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
@@ -739,6 +773,61 @@ def checkpoint_adapters_only(accelerator, unet: torch.nn.Module, text_encoder: t
     accelerator.register_load_state_pre_hook(load_adapters)
 
 
+def training_recipe(
+    config: TrainLDMConfig, accelerator, data: Data, opt: Optimisation, state: RunState, hardware: str
+) -> TrainingRecipe:
+    """How the pipeline was trained up to `state`, for its model card."""
+    return TrainingRecipe(
+        dataset=config.dataset,
+        num_images=data.stream.num_rows,
+        steps=state.global_step,
+        max_train_steps=config.max_train_steps,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        learning_rate=opt.optimizer.param_groups[0]["initial_lr"],  # the U-Net's peak, scaled when `scale_lr`
+        lr_scheduler=config.lr_scheduler,
+        mixed_precision=config.mixed_precision,
+        hardware=hardware,
+        train_minutes=state.train_seconds / 60,
+        base_model=config.pretrained_pipeline,
+    )
+
+
+def write_card(folder: Path, config: TrainLDMConfig, recipe: TrainingRecipe, grid=None, evaluation=None) -> Path:
+    """The model card (`README.md`) of what `save_trained` wrote in `folder`, with the validation grid and the metrics
+    of the evaluation (`metrics.json` of `latentddpm evaluate`) when there are any; a LoRA's card names its base, the
+    trigger words (a DreamBooth run's `instance_prompt`) and how to load it."""
+    if config.lora_rank:
+        return write_lora_model_card(
+            folder,
+            repo_id=config.hub_model_id,
+            base_model=config.pretrained_pipeline,
+            trigger_words=[config.instance_prompt] if config.instance_prompt else None,
+            sample_grid=grid,
+            license=config.hub_license,
+            extra_sections=training_sections(recipe, evaluation),
+        )
+    return write_training_model_card(
+        folder,
+        recipe,
+        evaluation=evaluation,
+        repo_id=config.hub_model_id,
+        sample_grid=grid,
+        training_config=config_to_dict(config),
+        license=config.hub_license,
+    )
+
+
+def save_trained(folder: Path, config: TrainLDMConfig, models: Models) -> None:
+    """What a run hands on, into `folder`: the whole pipeline, or for a LoRA run its adapters alone
+    (`pytorch_lora_weights.safetensors`, diffusers' LoRA format)."""
+    if config.lora_rank:
+        save_lora(folder, models.unet, models.text_encoder if config.text_encoder_lora_rank else None)
+    else:
+        models.pipeline().save_pretrained(str(folder))
+
+
 def save(
     config: TrainLDMConfig,
     accelerator,
@@ -746,36 +835,31 @@ def save(
     opt: Optimisation,
     data: Data,
     run: TrainingRun,
+    hardware: str,
 ) -> Path:
-    """The pipeline with the EMA weights (or, for a LoRA run, the adapters alone), its config and manifest, the final
-    validation (and evaluation). A DreamBooth LoRA's card names its `instance_prompt` as the trigger words."""
+    """The pipeline with the EMA weights (or, for a LoRA run, the adapters alone), its config, manifest and model
+    card, the final validation (and evaluation); with `push_to_hub`, committed after the pending checkpoint commits."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
     if opt.ema is not None:
         opt.ema.copy_to(opt.unet_params)
     metrics = validate(config, accelerator, models, opt, data, run.state, None, config.evaluation_config is not None)
     if accelerator.is_main_process:
-        pipeline = models.pipeline()
-        if config.lora_rank:
-            text_encoder = models.text_encoder if config.text_encoder_lora_rank else None  # with adapters, or None
-            lora_weights = save_lora(output_dir, models.unet, text_encoder)
-        else:
-            pipeline.save_pretrained(str(output_dir))
+        save_trained(output_dir, config, models)
         save_config(config, output_dir / "train_config.yaml")
         final_metrics = {k: v for k, v in metrics.items() if k != "grid"}  # the grid is saved as a PNG
         final = {"final_metrics": final_metrics, "skipped_steps": run.state.skipped_steps}
         write_manifest(data.manifest | final, output_dir)
-        if config.push_to_hub and config.lora_rank:
-            push_lora_to_hub(
-                lora_weights,
-                config.hub_model_id,
-                base_model=config.pretrained_pipeline,
-                trigger_words=[config.instance_prompt] if config.instance_prompt else None,
-                sample_grid=metrics.get("grid"),
-            )
-        elif config.push_to_hub:
-            pipeline.push_to_hub(config.hub_model_id, dataset=config.dataset, sample_grid=metrics.get("grid"))
-        logger.info(f"Saved the {'LoRA' if config.lora_rank else 'pipeline'} to {output_dir}")
+        evaluation = None
+        if config.evaluation_config is not None:
+            metrics_file = evaluation_dir(output_dir, run.state.global_step) / "metrics.json"
+            evaluation = json.loads(metrics_file.read_text())
+        recipe = training_recipe(config, accelerator, data, opt, run.state, hardware)
+        write_card(output_dir, config, recipe, metrics.get("grid"), evaluation)
+        what = "LoRA" if config.lora_rank else "pipeline"
+        logger.info(f"Saved the {what} to {output_dir}")
+        if run.uploader is not None:
+            logger.info(f"Pushed the {what} to {run.uploader.push_final(output_dir)}")
     accelerator.end_training()
     return output_dir
 
