@@ -13,8 +13,8 @@ target from the scheduler, U-Net forward, min-SNR-gamma weighted MSE, backward, 
 step.
 
 (a) ours vs diffusers, on the same batch (latents, text states and mask) and the same draws (noise, timesteps):
-    - ours: `ConditionalUNet` + `DDPMNoiseScheduler` + `latentddpm.losses.training_loss`, the function train_ldm's
-      step calls;
+    - ours: `ConditionalUNet` + `DDPMNoiseScheduler` + `latentddpm.losses.training_loss`, the mean of the per-sample
+      `training_losses` that train_ldm's step calls;
     - diffusers: the `UNet2DConditionModel` of `to_unet2d_condition_config` with the same weights + `DDPMScheduler`
       with the same schedule, x_t from `add_noise`, the target from `get_velocity` and min-SNR from
       `diffusers.training_utils.compute_snr`, as diffusers' examples/text_to_image/train_text_to_image.py does.
@@ -272,7 +272,7 @@ def compare_caching(
     def cached(i: int) -> None:
         start = time.perf_counter()
         generator = step_generator(args.seed, i)
-        latents, caption_ids = cache.draw(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
+        latents, caption_ids, _ = cache.draw(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
         train_on("cached", i, start, latents, *cache.text(caption_ids), generator)
 
     def on_the_fly(i: int) -> None:

@@ -62,3 +62,20 @@ class ShuffledStream:
             here = epochs == epoch
             out[here] = self._permutation(epoch)[positions[here] % self.num_rows]
         return out
+
+
+class PairedStream:
+    """Two `ShuffledStream`s in every micro-batch: `first`'s rows, then `second`'s shifted by `offset`.
+
+    For two tables stored one after the other in one cache, such as DreamBooth's instance images and, after them,
+    its class images: each batch holds `first.per_process` rows of the first and `second.per_process` of the second,
+    each table going through its own epochs, as diffusers' `train_dreambooth.py` pairs them with prior preservation.
+    """
+
+    def __init__(self, first: ShuffledStream, second: ShuffledStream, offset: int):
+        self.first, self.second, self.offset = first, second, offset
+
+    def indices(self, micro_step: int, process_index: int = 0) -> torch.Tensor:
+        """Row indices, shape `(first.per_process + second.per_process,)`, of micro-batch `micro_step`."""
+        second = self.second.indices(micro_step, process_index) + self.offset
+        return torch.cat([self.first.indices(micro_step, process_index), second])

@@ -11,6 +11,8 @@ What is stored (safetensors):
 - `text_hidden` `(U + 1, S, D)` and `text_mask` `(U + 1, S)`: one row per unique caption, the last row the
   empty prompt used for caption dropout (the same unconditional embedding the pipeline uses for CFG).
 - `caption_ids` `(N, K)`: indices into the caption rows for each image's K captions, -1 where an image has fewer.
+- `loss_mask` `(N, F, 1, h, w)`, only when built with `loss_mask=True`: each view's alpha channel (ones for an
+  opaque image) averaged down to the latent grid, the weights of `masked_loss` training.
 - `captions.json`: the unique captions themselves, in the order of the caption rows (the empty prompt not included),
   for training the text encoder, which encodes the drawn captions anew each step.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,6 +43,7 @@ class LatentCache:
     text_hidden: torch.Tensor
     text_mask: torch.Tensor
     captions: list[str]  # the unique captions, row i of `text_hidden` for i < empty_prompt_id
+    loss_mask: torch.Tensor | None = None  # (N, F, 1, h, w) alpha on the latent grid, when built with masks
 
     def __len__(self) -> int:
         return self.latent_mean.shape[0]
@@ -59,12 +63,13 @@ class LatentCache:
         generator: torch.Generator,
         caption_dropout: float = 0.0,
         sample_posterior: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Latents and caption rows for dataset rows `indices` (CPU tensors; move them yourself).
 
         Draws, with `generator`: the view (mirror or not), one caption per image, caption dropout to the empty
-        prompt, and the posterior sample. Returns `(latents (B, C, h, w), caption_ids (B,))`, the latents already
-        scaled with `scale_latents(vae, ...)`, `caption_ids` indexing `text_hidden` (see `text` and `prompt`).
+        prompt, and the posterior sample. Returns `(latents (B, C, h, w), caption_ids (B,), loss_mask)`, the latents
+        already scaled with `scale_latents(vae, ...)`, `caption_ids` indexing `text_hidden` (see `text` and
+        `prompt`), `loss_mask` `(B, 1, h, w)` the drawn views' masks (None when the cache has none).
         """
         b = indices.shape[0]
         views = torch.randint(0, self.latent_mean.shape[1], (b,), generator=generator)
@@ -78,7 +83,8 @@ class LatentCache:
         caption = ids[torch.arange(b), pick]
         drop = torch.rand(b, generator=generator) < caption_dropout
         caption = torch.where(drop, torch.full_like(caption, self.empty_prompt_id), caption)
-        return scale_latents(vae, latents), caption
+        loss_mask = None if self.loss_mask is None else self.loss_mask[indices, views]
+        return scale_latents(vae, latents), caption, loss_mask
 
     def text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached `(hidden (B, S, D), mask (B, S))` of caption rows `caption_ids` (B,)."""
@@ -128,20 +134,24 @@ def build_latent_cache(
     show_progress: bool = True,
     seed: int = 0,
     use_attention_mask: bool = True,
+    loss_mask: bool = False,
 ) -> LatentCache:
     """Encode every image (and its mirror when `random_flip`) and every unique caption once.
 
     `seed` fixes the random crops (when the transform crops at random), so the same inputs give the same cache.
-    `use_attention_mask` is passed to `encode_prompt` (how the model being trained reads the text).
+    `use_attention_mask` is passed to `encode_prompt` (how the model being trained reads the text). `loss_mask` also
+    keeps each image's alpha channel (`transform.with_alpha`), averaged over each latent pixel's patch.
     """
     views = 2 if random_flip else 1
     generator = torch.Generator().manual_seed(seed)
-    means, stds = [], []
+    means, stds, masks = [], [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="Caching latents", disable=not show_progress):
         rows = dataset[start : start + batch_size]
-        pixels = torch.stack([transform(image, generator=generator) for image in rows[image_column]]).to(
-            device, vae.dtype
-        )
+        if loss_mask:
+            pixels, alpha = map(torch.stack, zip(*(transform.with_alpha(i, generator) for i in rows[image_column])))
+        else:
+            pixels = torch.stack([transform(image, generator=generator) for image in rows[image_column]])
+        pixels = pixels.to(device, vae.dtype)
         batch_views = [pixels, pixels.flip(-1)][:views]
         mean_views, std_views = [], []
         for view in batch_views:
@@ -151,6 +161,10 @@ def build_latent_cache(
             std_views.append(std.float().cpu())
         means.append(torch.stack(mean_views, dim=1))
         stds.append(torch.stack(std_views, dim=1))
+        if loss_mask:
+            # Area averaging: a latent pixel's weight is the opacity of the image patch it encodes.
+            alpha = F.interpolate(alpha, size=means[-1].shape[-2:], mode="area")
+            masks.append(torch.stack([alpha, alpha.flip(-1)][:views], dim=1))
 
     captions = _caption_lists(dataset[caption_column])
     unique = sorted({c for caps in captions for c in caps})
@@ -175,6 +189,7 @@ def build_latent_cache(
         text_hidden=torch.cat(hidden),
         text_mask=torch.cat(mask),
         captions=unique,
+        loss_mask=torch.cat(masks) if loss_mask else None,
     )
 
 

@@ -15,9 +15,10 @@ import torch
 from diffusers.utils import make_image_grid
 
 from latentddpm.config import ConfigError
-from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.pipelines.space import DEFAULT_REQUIREMENT, write_space
 from latentddpm.runs import Preempted
-from latentddpm.schedulers import SAMPLER_NAMES, make_sampler
+from latentddpm.sampling import SampleSettings, generate, load_pipeline
+from latentddpm.schedulers import SAMPLER_NAMES
 
 
 def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
@@ -63,26 +64,18 @@ def sample(argv: list[str] | None) -> None:
     parser.add_argument("--scheduler", choices=SAMPLER_NAMES, default=None, help="default: the saved scheduler")
     parser.add_argument("--height", type=int, default=None, help="default: the U-Net's training size")
     parser.add_argument("--width", type=int, default=None, help="default: the U-Net's training size")
+    parser.add_argument("--lora", action="append", default=[], help="a LoRA adapter, PATH[:NAME]; repeat for several")
+    parser.add_argument("--lora_weight", type=float, action="append", default=[], help="one per --lora (default: 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="where to write the PNG grid")
-    args = parser.parse_args(_underscore_keys(sys.argv[1:] if argv is None else argv))
-
-    pipe = LatentDDPMPipeline.from_pretrained(args.model).to(args.device)
-    if args.scheduler is not None:
-        pipe.scheduler = make_sampler(args.scheduler, pipe.scheduler.config)
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=torch.Generator().manual_seed(args.seed),  # on the CPU: one seed, the same images on any device
-    ).images
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(args.out)
-    print(f"wrote {len(images)} images to {args.out}")
+    args = vars(parser.parse_args(_underscore_keys(sys.argv[1:] if argv is None else argv)))
+    out = args.pop("out")
+    settings = SampleSettings(**args)
+    pipe, _ = load_pipeline(settings.model, settings.device, settings.lora, settings.lora_weight)
+    images = generate(pipe, settings, pipe.scheduler)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(settings.prompt), cols=settings.num_images).save(out)
+    print(f"wrote {len(images)} images to {out}")
 
 
 def train_vae(argv: list[str] | None) -> None:
@@ -127,6 +120,25 @@ def convert(argv: list[str] | None) -> None:
     interop.main(_underscore_keys(argv or []))
 
 
+def serve(argv: list[str] | None) -> None:
+    """A web app (Gradio) for a saved pipeline: prompt, settings, gallery, the command that redraws each image."""
+    from latentddpm import app
+
+    app.main(_underscore_keys(argv or []))
+
+
+def make_space(argv: list[str] | None) -> None:
+    """Write a Hugging Face Space (Gradio) folder that serves a pushed pipeline with `latentddpm serve`'s app."""
+    parser = argparse.ArgumentParser(prog="latentddpm make-space", description=make_space.__doc__)
+    parser.add_argument("--model", required=True, help="the Hub repo id of the model (a local folder: to try it here)")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write (app.py, requirements, README)")
+    parser.add_argument("--requirement", default=DEFAULT_REQUIREMENT, help="the requirements.txt line of latentddpm")
+    parser.add_argument("--title", default=None, help="the Space's title (default: the model's name)")
+    args = parser.parse_args(_underscore_keys(argv or []))
+    write_space(args.out, args.model, requirement=args.requirement, title=args.title)
+    print(f"wrote {args.out}; to upload it: hf upload USER/SPACE {args.out} --repo-type space")
+
+
 # command name -> function of the command's arguments; the first line of its docstring is its `--help` line
 COMMANDS: dict[str, Callable[[list[str] | None], object]] = {
     "sample": sample,
@@ -136,6 +148,8 @@ COMMANDS: dict[str, Callable[[list[str] | None], object]] = {
     "evaluate": evaluate,
     "train-classifier": train_classifier,
     "convert": convert,
+    "serve": serve,
+    "make-space": make_space,
 }
 
 

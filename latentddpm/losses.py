@@ -1,9 +1,10 @@
 """The denoising objective, kept apart from the model and the sampler.
 
-`diffusion_loss` maps (unet, scheduler, batch, noise, timesteps) to a per-sample loss [B]; `training_loss` is one
-training step's scalar loss built on it: it draws the noise and timesteps from the step's generator, weights (min-SNR)
-and averages, and adds the VLB term. `train_ldm`, its validation loss and `benchmarks/training.py` all call
-`training_loss`, so what is validated and benchmarked is what trains. The scheduler's config decides the target
+`diffusion_loss` maps (unet, scheduler, batch, noise, timesteps) to a per-sample loss [B]; `training_losses` is one
+training step's per-sample loss built on it: it draws the noise and timesteps from the step's generator, weights
+(min-SNR) and adds the VLB term; `training_loss` is their mean. `train_ldm` (which splits the per-sample losses for
+DreamBooth's prior preservation), its validation loss and `benchmarks/training.py` all call these, so what is
+validated and benchmarked is what trains. The scheduler's config decides the target
 (`prediction_type`) and whether the U-Net also predicts its variance (`variance_type="learned_range"`, trained with
 Improved DDPM's L_hybrid).
 """
@@ -72,6 +73,7 @@ def diffusion_loss(
     encoder_attention_mask: torch.Tensor | None = None,
     input_perturbation: float = 0.0,
     perturbation_noise: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-sample denoising loss of `unet` on one batch.
 
@@ -84,6 +86,9 @@ def diffusion_loss(
         input_perturbation: scale of the extra noise mixed into x_t only (Ning et al. 2023,
             https://arxiv.org/abs/2301.11706); the target keeps the original noise.
         perturbation_noise (`torch.Tensor` like `noise`): the extra noise; required when `input_perturbation`.
+        loss_mask (`torch.Tensor` of shape `(B, 1, H, W)`, *optional*): weights in [0, 1] of each latent position;
+            the error is then averaged over the mask (its weighted mean), so only masked positions count and a mask
+            of ones gives the plain mean. Not with a learned variance (the VLB term is per sample).
 
     Returns:
         `(mse, vlb)`: `mse` of shape `(B,)`, the mean squared error to the target of the scheduler's
@@ -100,7 +105,17 @@ def diffusion_loss(
     learns_variance = scheduler.config.variance_type in ("learned", "learned_range")
     prediction = model_output[:, :channels] if learns_variance else model_output
     target = scheduler.get_target(latents, noise, timesteps)
-    mse = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if loss_mask is None:
+        mse = squared_error.mean(dim=(1, 2, 3))
+    else:
+        if learns_variance:
+            raise ValueError("loss_mask does not apply to a learned variance: its VLB term is one number per sample.")
+        # The weighted mean over positions and channels: sum(m * e) / (C * sum(m)); 0 for an empty mask (an image
+        # transparent everywhere), not 0 / 0.
+        mask = loss_mask.to(squared_error.dtype)
+        area = mask.sum(dim=(1, 2, 3)).clamp_min(torch.finfo(mask.dtype).tiny)
+        mse = (squared_error * mask).sum(dim=(1, 2, 3)) / (area * channels)
 
     vlb = None
     if learns_variance:
@@ -120,7 +135,7 @@ class Objective:
     vlb_weight: float = 0.001  # lambda of L_hybrid = L_simple + lambda * L_vlb, when the variance is learned
 
 
-def training_loss(
+def training_losses(
     unet,
     scheduler,
     latents: torch.Tensor,
@@ -128,8 +143,10 @@ def training_loss(
     encoder_attention_mask: torch.Tensor | None,
     objective: Objective,
     generator: torch.Generator,
+    loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one training step on one (micro-)batch: noise, timesteps, `diffusion_loss`, weights, VLB term.
+    """The per-sample loss of one training step on one (micro-)batch: noise, timesteps, `diffusion_loss`, weights,
+    VLB term.
 
     The noise, the input perturbation and the timesteps are drawn, in that order, from `generator` (a CPU
     generator, so that a seed gives the same draws on every device) and moved to `latents.device`.
@@ -140,10 +157,11 @@ def training_loss(
         encoder_attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*): 1 for tokens to attend to.
         objective (`Objective`): weighting, noise offset, input perturbation and VLB weight.
         generator (`torch.Generator`): the step's CPU generator.
+        loss_mask (`torch.Tensor` of shape `(B, 1, H, W)`, *optional*): where the loss counts (see `diffusion_loss`).
 
     Returns:
-        `(loss, logs)`: the scalar loss to backpropagate, and detached per-term means (`mse`, and `vlb` when the
-        variance is learned) for logging.
+        `(losses, logs)`: the loss of each sample, shape `(B,)` (their mean is the loss to backpropagate, unless the
+        caller weights them), and detached per-term means (`mse`, and `vlb` when the variance is learned) for logging.
     """
     noise = sample_noise(latents.shape, generator, objective.noise_offset)
     perturbation = None
@@ -161,10 +179,28 @@ def training_loss(
         encoder_attention_mask,
         input_perturbation=objective.input_perturbation,
         perturbation_noise=None if perturbation is None else perturbation.to(device),
+        loss_mask=None if loss_mask is None else loss_mask.to(device),
     )
-    loss = (mse * min_snr_weights(scheduler, timesteps.to(device), objective.snr_gamma)).mean()
+    losses = mse * min_snr_weights(scheduler, timesteps.to(device), objective.snr_gamma)
     logs = {"mse": mse.detach().mean()}
     if vlb is not None:
-        loss = loss + objective.vlb_weight * vlb.mean()
+        losses = losses + objective.vlb_weight * vlb
         logs["vlb"] = vlb.detach().mean()
-    return loss, logs
+    return losses, logs
+
+
+def training_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+    objective: Objective,
+    generator: torch.Generator,
+    loss_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scalar loss of one training step: the mean of `training_losses` (same arguments), and its logs."""
+    losses, logs = training_losses(
+        unet, scheduler, latents, encoder_hidden_states, encoder_attention_mask, objective, generator, loss_mask
+    )
+    return losses.mean(), logs

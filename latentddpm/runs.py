@@ -17,6 +17,7 @@ from diffusers.optimization import SchedulerType
 
 from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint, stop_on_signals
 from .config import save_config
+from .hub import HubUploader, hub_checkpoint
 from .nonfinite import NonFiniteGuard
 from .optional import import_optional
 
@@ -59,9 +60,10 @@ def checkpoint_dir(config) -> Path:
 
 
 def find_checkpoint(config) -> Path | None:
-    """The checkpoint `config.resume_from_checkpoint` names (None: start afresh). Call it before loading anything, so
-    that a wrong path fails in seconds."""
-    return resolve_checkpoint(checkpoint_dir(config), config.resume_from_checkpoint)
+    """The checkpoint `config.resume_from_checkpoint` names (None: start afresh): `latest`, a folder, or a Hub repo
+    id, whose `last-checkpoint/` is downloaded. Call it before loading anything, so that a wrong path fails in
+    seconds."""
+    return resolve_checkpoint(checkpoint_dir(config), hub_checkpoint(config.resume_from_checkpoint))
 
 
 @dataclasses.dataclass
@@ -79,15 +81,17 @@ class TrainingRun(contextlib.AbstractContextManager):
     accelerate saves and restores what `accelerator.prepare` wrapped (models, optimizers, LR schedulers) and the RNG
     states; `write_extra(folder)` adds the script's own files (EMA weights, config, manifest) to every checkpoint. As
     a context manager around the loop it records SIGTERM/SIGINT (sent by schedulers before they kill a job), and
-    `checkpoint_if_due` then saves and raises `Preempted` at the end of the step they arrived in.
+    `checkpoint_if_due` then saves and raises `Preempted` at the end of the step they arrived in. An `uploader`
+    (see `latentddpm.hub.HubUploader`) is handed every checkpoint on the main process, to commit it to the Hub.
     """
 
-    def __init__(self, accelerator, config, write_extra: Callable[[Path], None]):
+    def __init__(self, accelerator, config, write_extra: Callable[[Path], None], uploader: HubUploader | None = None):
         self.accelerator = accelerator
         self.directory = checkpoint_dir(config)
         self.checkpointing_steps = config.checkpointing_steps
         self.total_limit = config.checkpoints_total_limit
         self.write_extra = write_extra
+        self.uploader = uploader
         self.state = RunState()
         self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, self.directory)
         self._signals = stop_on_signals()
@@ -108,7 +112,7 @@ class TrainingRun(contextlib.AbstractContextManager):
         return stepped
 
     def save(self) -> Path:
-        return save_checkpoint(
+        path = save_checkpoint(
             self.accelerator,
             self.directory,
             self.state.global_step,
@@ -116,11 +120,16 @@ class TrainingRun(contextlib.AbstractContextManager):
             write_extra=self.write_extra,
             total_limit=self.total_limit,
         )
+        if self.uploader is not None and self.accelerator.is_main_process:
+            self.uploader.push_checkpoint(path, self.state.global_step)
+        return path
 
     def checkpoint_if_due(self) -> None:
         """Save every `checkpointing_steps` steps; after a preemption signal, save and raise `Preempted`."""
         if self._received:
             path = self.save()
+            if self.uploader is not None and self.accelerator.is_main_process:
+                self.uploader.wait()  # the job may be gone soon: its last checkpoint on the Hub lets another resume
             self.accelerator.print(
                 f"Received signal {self._received[0]} at step {self.state.global_step}: saved {path}. Resume with "
                 "--resume_from_checkpoint latest (same output_dir)."

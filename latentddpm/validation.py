@@ -6,14 +6,16 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
+import PIL.Image
 import torch
 from diffusers.utils import make_image_grid
 
 from .batching import step_generator
+from .data.shapes import shapes_prompts
 from .eval.sampling import grid_shape
 from .eval.shapes_judge import score_shapes_prompts
 from .losses import Objective, training_loss
+from .trackers import log_images
 
 
 @torch.no_grad()
@@ -34,25 +36,27 @@ def validation_loss(
     (`cache.text`) by default.
     """
     generator = step_generator(seed, micro_step=0, process_index=10_000)
-    latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.0)
+    latents, caption_ids, loss_mask = cache.draw(rows, vae, generator, caption_dropout=0.0)
     device = next(unet.parameters()).device
     hidden, mask = (text or cache.text)(caption_ids)
     hidden, mask = hidden.to(device), None if mask is None else mask.to(device)
-    loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator)
+    loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator, loss_mask)
     return loss.item()
 
 
 @contextlib.contextmanager
 def ema_weights(model: torch.nn.Module, ema) -> Iterator[None]:
-    """Swap the EMA weights into `model` (when `ema` is a diffusers `EMAModel`), restoring the trained ones after."""
+    """Swap the EMA weights into `model` (when `ema` is a diffusers `EMAModel`), restoring the trained ones after.
+    The EMA averages the parameters that train: all of the model's, or its LoRA adapters."""
+    trained = [p for p in model.parameters() if p.requires_grad]
     if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+        ema.store(trained)
+        ema.copy_to(trained)
     try:
         yield
     finally:
         if ema is not None:
-            ema.restore(model.parameters())
+            ema.restore(trained)
 
 
 def run_validation(
@@ -88,16 +92,13 @@ def run_validation(
             grid = make_image_grid(images, *grid_shape(len(images)))
             grid.save(out_dir / f"step-{step}.png")
             metrics["grid"] = grid
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_images(
-                        "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
-                    )
+            log_images(accelerator, "validation", images, config.validation_prompts, step)
         if config.validation_shapes_score:
             scores, shape_images = score_shapes_prompts(
                 pipeline, config.validation_inference_steps, config.validation_guidance_scale, seed=config.seed
             )
             make_image_grid(shape_images, rows=6, cols=15).save(out_dir / f"shapes-step-{step}.png")
+            log_images(accelerator, "validation/shapes", shape_images, shapes_prompts(), step)
             metrics.update({f"shapes_{k}": v for k, v in scores.items()})
 
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -106,6 +107,11 @@ def run_validation(
     )
     accelerator.wait_for_everyone()
     return metrics
+
+
+def evaluation_dir(output_dir: str | Path, step: int) -> Path:
+    """Where `run_evaluation` at `step` writes its report (`metrics.json`, `report.html`, grids)."""
+    return Path(output_dir) / "evaluation" / f"step-{step}"
 
 
 def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline, output_dir: str, step: int) -> dict:
@@ -134,7 +140,7 @@ def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline
                 "--model",
                 str(output_dir),
                 "--out",
-                str(Path(output_dir) / "evaluation" / f"step-{step}"),
+                str(evaluation_dir(output_dir, step)),
                 "--device",
                 str(accelerator.device),
             ],
@@ -143,9 +149,13 @@ def run_evaluation(evaluation_config: str, accelerator, unet, ema, make_pipeline
         model.eval()
         with ema_weights(model, ema):
             results = evaluate(eval_config, pipeline=make_pipeline())
+        # One caption for each setting's grid: its prompts in reading order (every setting samples the same ones).
+        caption = " | ".join(results["grid_prompts"])
         for row in results["rows"]:
             setting = f"{row['scheduler']}-{row['steps']}-cfg{row['guidance']:g}"
             metrics.update({f"eval/{setting}/{k}": v for k, v in row.items() if k in METRICS})
+            with PIL.Image.open(Path(eval_config.out) / row["grid"]) as grid:
+                log_images(accelerator, f"eval/{setting}/samples", [grid], [caption], step)
         for group, values in results["model_metrics"].items():
             metrics.update({f"eval/{group}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
         accelerator.log(metrics, step=step)

@@ -34,6 +34,7 @@ from latentddpm.models import ConditionalUNet
 from latentddpm.text import encode_prompt
 
 from .model_card import prepare_hub_folder
+from .space import write_space
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -740,11 +741,13 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
         sample_grid: PIL.Image.Image | None = None,
         training_config: dict[str, Any] | None = None,
         license: str = "apache-2.0",
+        space_repo_id: str | None = None,
     ) -> str:
-        """Upload the pipeline (safetensors weights) with a model card to the Hub.
+        """Upload the pipeline (safetensors weights) with a model card to the Hub, and optionally a Space to try it.
 
         The folder is prepared by [`prepare_hub_folder`]: `save_pretrained`, plus a `README.md` with YAML metadata
-        and, when given, `sample_grid.png`.
+        and, when given, `sample_grid.png`. The Space is the folder of [`write_space`]: the app of `latentddpm
+        serve` for this repository.
 
         Args:
             repo_id (`str`): the Hub repository, `"user/name"`; created if missing.
@@ -757,9 +760,11 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
             sample_grid (`PIL.Image.Image`, *optional*): samples to show on the card.
             training_config (`dict`, *optional*): the resolved training config, shown on the card.
             license (`str`, defaults to `"apache-2.0"`): the card's license.
+            space_repo_id (`str`, *optional*): a Gradio Space, `"user/name"`, to create (if missing) and upload the
+                app to, with the same `private`, `token` and `create_pr`.
 
         Returns:
-            `str`: the URL of the commit.
+            `str`: the URL of the model repository's commit.
         """
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
@@ -780,6 +785,19 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
                 token=token,
                 create_pr=create_pr,
             )
+        if space_repo_id is not None:
+            space_repo_id = create_repo(
+                space_repo_id, repo_type="space", space_sdk="gradio", private=private, token=token, exist_ok=True
+            ).repo_id
+            with tempfile.TemporaryDirectory() as folder:
+                upload_folder(
+                    repo_id=space_repo_id,
+                    repo_type="space",
+                    folder_path=write_space(folder, repo_id),
+                    commit_message=f"Space for {repo_id}",
+                    token=token,
+                    create_pr=create_pr,
+                )
         return commit.commit_url
 
     @classmethod

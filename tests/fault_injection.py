@@ -67,7 +67,7 @@ def stop_in_step(at: int) -> None:
         calls.append(None)
         return diffusion_loss(*args, **kwargs)
 
-    losses.diffusion_loss = counting_loss  # what `training_loss` calls
+    losses.diffusion_loss = counting_loss  # what `training_losses` calls
 
 
 def stop_in_save_state(at: int) -> None:

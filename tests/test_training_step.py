@@ -1,6 +1,6 @@
-"""One training step, one function: `latentddpm.losses.training_loss` is what train_ldm's loop, its validation loss and
-`benchmarks/training.py` run, and it computes the documented loss (checked against diffusers' `DDPMScheduler` and
-`compute_snr`, written out by hand)."""
+"""One training step, one function: `latentddpm.losses.training_losses` (whose mean is `training_loss`) is what
+train_ldm's loop, its validation loss and `benchmarks/training.py` run, and it computes the documented loss (checked
+against diffusers' `DDPMScheduler` and `compute_snr`, written out by hand)."""
 
 from pathlib import Path
 
@@ -42,11 +42,12 @@ def oracle_loss(unet, scheduler: DDPMScheduler, latents, hidden, mask, generator
 
 @pytest.fixture(scope="module")
 def first_step(tiny_vae, tmp_path_factory):
-    """train_ldm's step 0, its `training_loss` call recorded (inputs, U-Net weights, generator state, loss)."""
+    """train_ldm's step 0, its `training_losses` call recorded (inputs, U-Net weights, generator state, mean loss)."""
     tmp_path = tmp_path_factory.mktemp("step")
     recorded = []
 
-    def recording_loss(unet, scheduler, latents, hidden, mask, objective, generator):
+    def recording_losses(unet, scheduler, latents, hidden, mask, objective, generator, loss_mask):
+        assert loss_mask is None  # no masked_loss
         inputs = dict(
             weights={k: v.clone() for k, v in unet.state_dict().items()},
             latents=latents.clone(),
@@ -55,13 +56,14 @@ def first_step(tiny_vae, tmp_path_factory):
             objective=objective,
             generator_state=generator.get_state(),
         )
-        loss, logs = losses.training_loss(unet, scheduler, latents, hidden, mask, objective, generator)
-        recorded.append(inputs | {"loss": loss.detach().clone(), "scheduler_config": dict(scheduler.config)})
-        return loss, logs
+        sample_losses, logs = losses.training_losses(unet, scheduler, latents, hidden, mask, objective, generator)
+        loss = sample_losses.detach().mean()
+        recorded.append(inputs | {"loss": loss, "scheduler_config": dict(scheduler.config)})
+        return sample_losses, logs
 
     AcceleratorState._reset_state(reset_partial_state=True)
     patch = pytest.MonkeyPatch()
-    patch.setattr(train_ldm, "training_loss", recording_loss)
+    patch.setattr(train_ldm, "training_losses", recording_losses)
     try:
         out = train_ldm.main(
             [
@@ -93,7 +95,7 @@ def test_train_ldm_step_feeds_training_loss_the_step_batch(first_step, tiny_vae)
     vae = AutoencoderKL.from_pretrained(str(tiny_vae))
     rows = ShuffledStream(len(cache) - 8, BATCH, seed=SEED).indices(0)  # tiny_ldm.yaml holds out 8 rows
     generator = step_generator(SEED, 0, 0)
-    latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.1)
+    latents, caption_ids, _ = cache.draw(rows, vae, generator, caption_dropout=0.1)
     hidden, mask = cache.text(caption_ids)
     assert torch.equal(step["latents"], latents)
     assert torch.equal(step["hidden"], hidden) and torch.equal(step["mask"], mask)
@@ -136,7 +138,7 @@ def test_validation_loss_is_the_training_loss_on_held_out_rows(first_step, tiny_
     got = validation_loss(unet, scheduler, cache, rows, vae, step["objective"], seed=SEED)
 
     generator = step_generator(SEED, micro_step=0, process_index=10_000)  # validation's fixed draws
-    latents, caption_ids = cache.draw(rows, vae, generator, caption_dropout=0.0)
+    latents, caption_ids, _ = cache.draw(rows, vae, generator, caption_dropout=0.0)
     with torch.no_grad():
         oracle_scheduler = DDPMScheduler.from_config(step["scheduler_config"])
         expected = oracle_loss(unet, oracle_scheduler, latents, *cache.text(caption_ids), generator)

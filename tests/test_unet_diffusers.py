@@ -214,6 +214,32 @@ def test_lora_adapter_scale_reaches_the_lora_layers():
     torch.testing.assert_close(default, on)
 
 
+def test_weighted_adapters_give_the_twins_outputs_and_switch_off_bitwise():
+    # Oracle: diffusers' own peft integration on the twin UNet2DConditionModel, with the same adapter weights.
+    peft = pytest.importorskip("peft")
+    ours, twin = make_twins()
+    inputs = make_inputs(ours)
+    with torch.no_grad():
+        plain = ours(**inputs).sample
+    config = peft.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    for name in ("a", "b"):
+        ours.add_adapter(config, adapter_name=name)
+        twin.add_adapter(config, adapter_name=name)
+        weights = peft.get_peft_model_state_dict(ours, adapter_name=name)
+        assert not peft.set_peft_model_state_dict(twin, weights, adapter_name=name).unexpected_keys
+    for unet in (ours, twin):
+        unet.set_adapters(["a", "b"], weights=[0.7, -0.4])
+    assert_same_outputs(ours, twin, **inputs)
+    with torch.no_grad():
+        mixed = ours(**inputs).sample
+        assert not torch.allclose(mixed, plain, atol=1e-3)
+        ours.disable_adapters()
+        torch.testing.assert_close(ours(**inputs).sample, plain, atol=0, rtol=0)
+        ours.enable_adapters()
+        torch.testing.assert_close(ours(**inputs).sample, mixed, atol=0, rtol=0)
+    assert ours.active_adapters() == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

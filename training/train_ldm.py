@@ -8,15 +8,27 @@ The VAE is frozen and so, by default, is the text encoder; their outputs are pre
 (`cache_dir`), so the loop only runs the U-Net. With `train_text_encoder` the text encoder is trained along with the
 U-Net and encodes each step's captions (still drawn from the cache, which holds them). Batches and every random draw
 are a function of the step (see `latentddpm.batching`), which makes `--resume_from_checkpoint latest` continue at
-exactly the next batch. The loss of a step is `latentddpm.losses.training_loss`, which validation and the training
-benchmark call too.
-At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`.
+exactly the next batch. The loss of a step is the mean of `latentddpm.losses.training_losses` (`training_loss`, which
+validation and the training benchmark call too).
+DreamBooth (`instance_data`, see `latentddpm.dreambooth`) trains on a folder of a few images instead of `dataset`;
+with prior preservation each micro-batch also holds as many class images, generated once by the pretrained pipeline,
+and the loss is the instance rows' mean + `prior_loss_weight` * the class rows' mean.
+At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_dir` with `save_pretrained`, with a
+model card (`README.md`: the recipe, the validation grid, the evaluation's metrics). `push_to_hub` commits it to
+`hub_model_id`, and with `hub_strategy` every checkpoint too, in the background (see `latentddpm.hub`).
+
+With `lora_rank` > 0 only LoRA adapters train, on the U-Net (and with `text_encoder_lora_rank` the text encoder) of
+`pretrained_pipeline`; checkpoints hold the adapters and their optimizer state, and the run ends with the adapters
+alone, `output_dir/pytorch_lora_weights.safetensors` (diffusers' LoRA format), and the validation grid:
+    accelerate launch training/train_ldm.py --config configs/shapes_ldm.yaml --pretrained_pipeline outputs/shapes_ldm \
+        --lora_rank 4 --learning_rate 1e-4 --output_dir outputs/shapes_lora
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,12 +38,13 @@ from typing import Any, Literal
 
 import torch
 from accelerate.logging import get_logger
+from datasets import Dataset
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from latentddpm.batching import ShuffledStream, seed_global_rng, step_generator
+from latentddpm.batching import PairedStream, ShuffledStream, seed_global_rng, step_generator
 from latentddpm.cache import (
     LatentCache,
     build_latent_cache,
@@ -56,16 +69,43 @@ from latentddpm.config import (
 )
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
+from latentddpm.dreambooth import (
+    ClassImageSettings,
+    generate_class_images,
+    prior_preservation_loss,
+    read_image_folder,
+    read_prompts,
+    rows_fingerprint,
+)
+from latentddpm.hub import STAGING, HubStrategy, HubUploader, hardware_description
 from latentddpm.latents import vae_scale_factor
-from latentddpm.losses import Objective, training_loss
+from latentddpm.lora import (
+    LORA_EMA_FILE,
+    UNET_LORA_TARGETS,
+    add_text_encoder_lora,
+    add_unet_lora,
+    load_ema_state,
+    load_lora,
+    lora_config,
+    save_ema_state,
+    save_lora,
+    text_encoder_lora_targets,
+)
+from latentddpm.losses import Objective, training_losses
 from latentddpm.manifest import build_manifest, write_manifest
 from latentddpm.models import ConditionalUNet
 from latentddpm.optional import import_optional
 from latentddpm.pipelines import LatentDDPMPipeline
+from latentddpm.pipelines.model_card import (
+    TrainingRecipe,
+    training_sections,
+    write_lora_model_card,
+    write_training_model_card,
+)
 from latentddpm.runs import LR_SCHEDULERS, RunState, TrainingRun, find_checkpoint, start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
-from latentddpm.validation import run_evaluation, run_validation
+from latentddpm.validation import ema_weights, evaluation_dir, run_evaluation, run_validation
 
 logger = get_logger(__name__)
 # The noise scheduler of a fresh model, under the `noise_scheduler` keys. Cosine betas (Nichol & Dhariwal 2021) and
@@ -100,6 +140,17 @@ class TrainLDMConfig(DataConfig):
     # diffusers folder or Hub id, or a single-file checkpoint (with `single_file_config`).
     pretrained_pipeline: str | None = None
     single_file_config: str | None = None  # for a single-file pretrained_pipeline: a diffusers SD folder or Hub id
+    # --- LoRA ---
+    # Train LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) on the frozen U-Net instead of all its
+    # weights: their rank (0 = full fine-tune). The run then saves the adapters alone, in diffusers' LoRA format:
+    # output_dir/pytorch_lora_weights.safetensors, for `load_lora_weights` (ours, or Stable Diffusion's on an SD base).
+    lora_rank: int = non_negative(0)
+    lora_alpha: float | None = positive(None)  # the update is lora_alpha / lora_rank * B A (None = lora_rank)
+    lora_dropout: float = fraction(0.0)  # dropout on the adapters' input
+    lora_target_modules: list[str] = field(default_factory=UNET_LORA_TARGETS.copy)  # U-Net modules that get adapters
+    # Adapters of this rank on the text encoder's attention too (0 = none; needs lora_rank). Its captions are then
+    # encoded every step, as with train_text_encoder.
+    text_encoder_lora_rank: int = non_negative(0)
     # --- noise scheduler ---
     # DDPMNoiseScheduler keys (the names of diffusers' DDPMScheduler: prediction_type, beta_schedule, variance_type,
     # ...) over the base: the pretrained pipeline's scheduler config, or NEW_MODEL_NOISE_SCHEDULER for a fresh model.
@@ -111,6 +162,27 @@ class TrainLDMConfig(DataConfig):
     input_perturbation: float = non_negative(0.0)  # input perturbation scale (Ning et al. 2023; 0 = off)
     caption_dropout: float = fraction(0.1)  # probability of training on the empty prompt (enables CFG)
     vlb_weight: float = non_negative(0.001)  # lambda of L_hybrid = L_simple + lambda * L_vlb when variance is learned
+    # --- DreamBooth (latentddpm.dreambooth; Ruiz et al. 2023) ---
+    # A folder of a few images of one subject, trained on instead of `dataset`. An image's caption is the text of the
+    # .txt file of the same name beside it (kohya's and diffusers' convention), else `instance_prompt`.
+    instance_data: str | None = None
+    instance_prompt: str | None = None  # the caption of instance images without a .txt file, e.g. "a sks star"
+    # The subject's class, for prior preservation: a prompt, a YAML list of prompts (class image i gets prompt i mod
+    # their number) or a .txt file of one prompt per line (the way to give several on the command line).
+    class_prompt: str | list[str] | None = None
+    # Also train, in the same step, on class images the pretrained pipeline generated before fine-tuning
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = non_negative(1.0)  # loss = instance loss + prior_loss_weight * class loss
+    num_class_images: int = positive(100)  # class images generated (once, kept on disk) and trained on
+    # Where class images are kept (00000.png + 00000.txt, ...; a killed generation resumes), None = a folder of
+    # cache_dir/class_images named by the hash of the pipeline and the settings below
+    class_data_dir: str | None = None
+    sample_batch_size: int = positive(4)  # class images per pipeline call
+    class_inference_steps: int = positive(25)  # sampling steps of a class image
+    class_guidance_scale: float = 3.0  # CFG scale of the class images
+    # Images with an alpha channel train where they are opaque only (their alpha, averaged over each latent pixel's
+    # patch, weights the loss); opaque images train everywhere. Any dataset, not only instance_data.
+    masked_loss: bool = False
     # --- optimisation ---
     train_batch_size: int = positive(64)  # per process, per micro-batch
     gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
@@ -145,7 +217,8 @@ class TrainLDMConfig(DataConfig):
     seed: int = 0  # seeds model init, data order and every random draw
     checkpointing_steps: int = non_negative(500)  # save a checkpoint every N optimizer steps (0 = never)
     checkpoints_total_limit: int | None = positive(3)  # keep at most N checkpoints
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    # "latest", a checkpoint folder, or a Hub repo id: its last-checkpoint/ (hub_strategy: checkpoint) is downloaded
+    resume_from_checkpoint: str | None = None
     report_to: str = "tensorboard"  # tensorboard, wandb, all or none
     log_every: int = positive(10)  # log loss and LR every N steps
     validation_steps: int = non_negative(500)  # sample the validation prompts every N steps (0 = only at the end)
@@ -158,6 +231,12 @@ class TrainLDMConfig(DataConfig):
     evaluation_steps: int = non_negative(0)  # evaluate (and validate) every N steps (0 = only at the end)
     push_to_hub: bool = False  # upload the final pipeline with a model card
     hub_model_id: str | None = None  # repo id for push_to_hub
+    # What push_to_hub commits while training (transformers' Trainer names): "end" only the final pipeline;
+    # "every_save" each checkpoint's pipeline too, in the background; "checkpoint" also the checkpoint itself, as
+    # last-checkpoint/ (for --resume_from_checkpoint <hub_model_id> on another machine).
+    hub_strategy: HubStrategy = "end"
+    hub_private_repo: bool | None = None  # whether a newly created repo is private (None: the Hub's default)
+    hub_license: str = "apache-2.0"  # the model card's license (a fine-tuned model's is often its base model's)
 
     def validate(self) -> None:
         if self.vae is None and self.pretrained_pipeline is None:
@@ -180,11 +259,50 @@ class TrainLDMConfig(DataConfig):
             raise ConfigError(f"Config key 'evaluation_config': no such file {self.evaluation_config!r}.")
         if self.evaluation_steps and self.evaluation_config is None:
             raise ConfigError("Config key 'evaluation_steps' needs 'evaluation_config' (what to evaluate).")
+        if self.text_encoder_lora_rank and not self.lora_rank:
+            raise ConfigError("Config key 'text_encoder_lora_rank' needs 'lora_rank' (adapters on the U-Net too).")
+        if self.lora_rank and self.train_text_encoder:
+            raise ConfigError(
+                "Config key 'train_text_encoder' fine-tunes the whole text encoder, which a LoRA run (lora_rank) "
+                "keeps frozen: use 'text_encoder_lora_rank' for adapters on it."
+            )
+        if self.lora_rank and not self.lora_target_modules:
+            raise ConfigError("Config key 'lora_target_modules' must name at least one U-Net module for LoRA.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("Config key 'hub_model_id' is required when push_to_hub is true.")
+        if self.hub_strategy != "end" and not (self.push_to_hub and self.checkpointing_steps):
+            raise ConfigError(
+                f"Config key 'hub_strategy' {self.hub_strategy!r} commits checkpoints: it needs push_to_hub and "
+                "checkpointing_steps > 0."
+            )
+        self.validate_dreambooth()
+
+    def validate_dreambooth(self) -> None:
+        if self.instance_data is None:
+            if self.with_prior_preservation:
+                raise ConfigError("Config key 'with_prior_preservation' needs 'instance_data' (the subject's images).")
+            return
+        if not Path(self.instance_data).is_dir():
+            raise ConfigError(f"Config key 'instance_data': no such folder {self.instance_data!r}.")
+        if self.num_validation_samples:
+            raise ConfigError(
+                "Config key 'num_validation_samples' holds out rows of 'dataset', which DreamBooth ('instance_data') "
+                "does not read: set it to 0."
+            )
+        if self.with_prior_preservation and self.class_prompt is None:
+            raise ConfigError("Config key 'with_prior_preservation' needs 'class_prompt' (what class images show).")
+        if self.with_prior_preservation and self.pretrained_pipeline is None:
+            raise ConfigError(
+                "Config key 'with_prior_preservation' needs 'pretrained_pipeline' (the base that draws class images)."
+            )
 
     def objective(self) -> Objective:
         return Objective(self.snr_gamma, self.noise_offset, self.input_perturbation, self.vlb_weight)
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether the text encoder (all of it, or its LoRA adapters) trains: it then encodes each step's captions."""
+        return self.train_text_encoder or self.text_encoder_lora_rank > 0
 
 
 @dataclass
@@ -213,9 +331,11 @@ class Models:
 @dataclass
 class Data:
     cache: LatentCache  # latents (posterior moments) and text embeddings of every row
-    stream: ShuffledStream  # the training rows of each micro-step and process
+    stream: ShuffledStream | PairedStream  # the training rows of each micro-step and process
     validation_rows: torch.Tensor  # rows held out for the validation loss
     manifest: dict  # what produced this run (config, data fingerprint, cache key, versions)
+    # With prior preservation, how many rows of each micro-batch are instance rows (the rest are class rows)
+    num_instance_rows: int | None = None
 
 
 @dataclass
@@ -226,6 +346,7 @@ class Optimisation:
     lr_scheduler: Any
     ema: EMAModel | None
     params: list[torch.nn.Parameter]  # what the optimizer updates (gradient clipping)
+    unet_params: list[torch.nn.Parameter]  # the U-Net's share of them (all its weights, or its adapters): EMA's
 
     @property
     def trained_models(self) -> list[torch.nn.Module]:
@@ -303,11 +424,47 @@ def load_models(config: TrainLDMConfig) -> Models:
     return Models(vae, tokenizer, text_encoder, noise_scheduler, unet, use_attention_mask)
 
 
+def load_dreambooth_dataset(config: TrainLDMConfig, accelerator, models: Models) -> tuple[Dataset, str, int]:
+    """DreamBooth's rows: the instance images, then (with prior preservation) the class images, which the pretrained
+    pipeline generates now where they are missing. Returns a dataset of image paths and captions, its fingerprint
+    and the number of class rows."""
+    # Every image checked here (size included): `prepare_image_dataset` then drops none, which would shift class rows.
+    rows = read_image_folder(config.instance_data, config.instance_prompt, config.min_image_size)
+    class_rows = []
+    if config.with_prior_preservation:
+        settings = ClassImageSettings(
+            prompts=tuple(read_prompts(config.class_prompt)),
+            resolution=config.resolution,
+            num_inference_steps=config.class_inference_steps,
+            guidance_scale=config.class_guidance_scale,
+            seed=config.seed,
+            batch_size=config.sample_batch_size,
+        )
+        pipeline = models.pipeline().to(accelerator.device)  # the base: nothing has trained yet
+        key = settings.key(pipeline)
+        folder = config.class_data_dir or Path(config.cache_dir) / "class_images" / key
+        with accelerator.main_process_first():
+            class_rows = generate_class_images(
+                pipeline, settings, key, config.num_class_images, folder, accelerator.is_local_main_process
+            )
+        logger.info(f"Class images: {len(class_rows)} in {folder}")
+    rows += class_rows
+    columns = {config.image_column: [str(path) for path, _ in rows], config.caption_column: [c for _, c in rows]}
+    return Dataset.from_dict(columns), rows_fingerprint(rows), len(class_rows)
+
+
 def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
     """The latent cache (built once by the main process, keyed by content), the row stream and held-out rows."""
-    dataset = config.load_dataset(config.seed)
-    fingerprint = dataset_fingerprint(dataset)
-    key = cache_key(
+    if config.masked_loss and models.noise_scheduler.config.variance_type in ("learned", "learned_range"):
+        raise ConfigError("Config key 'masked_loss' does not work with a learned variance (its VLB is per sample).")
+    models.vae.to(accelerator.device)
+    models.text_encoder.to(accelerator.device)
+    if config.instance_data is None:
+        dataset = config.load_dataset(config.seed)
+        fingerprint, num_class_rows = dataset_fingerprint(dataset), 0
+    else:
+        dataset, fingerprint, num_class_rows = load_dreambooth_dataset(config, accelerator, models)
+    key_parts = dict(
         dataset=fingerprint,
         columns=[config.image_column, config.caption_column],
         vae=tensor_fingerprint(models.vae),
@@ -319,9 +476,10 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
         min_image_size=config.min_image_size,
         use_attention_mask=models.use_attention_mask,
     )
+    if config.masked_loss:  # only then, so that the caches of earlier runs keep their keys
+        key_parts["masked_loss"] = True
+    key = cache_key(**key_parts)
     folder = Path(config.cache_dir) / key
-    models.vae.to(accelerator.device)
-    models.text_encoder.to(accelerator.device)
     with accelerator.main_process_first():
         cache = load_latent_cache(folder)
         if cache is None and accelerator.is_main_process:
@@ -340,6 +498,7 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
                 device=accelerator.device,
                 seed=config.seed,
                 use_attention_mask=models.use_attention_mask,
+                loss_mask=config.masked_loss,
             )
             save_latent_cache(cache, folder)
         else:
@@ -348,24 +507,42 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
         cache = load_latent_cache(folder)
     logger.info(f"Cache: {len(cache)} images, latent stats {latent_stats(cache, models.vae)}")
 
-    num_rows = len(cache) - config.num_validation_samples
+    # The rows: training rows (DreamBooth's instance rows), then DreamBooth's class rows, then held-out rows.
+    num_rows = len(cache) - num_class_rows - config.num_validation_samples
     if num_rows <= 0:
         raise ConfigError(f"num_validation_samples={config.num_validation_samples} leaves no training rows.")
+    stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
+    num_instance_rows = None
+    if num_class_rows:  # each micro-batch: train_batch_size instance rows, then as many class rows
+        class_stream = ShuffledStream(
+            num_class_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed + 1
+        )
+        stream, num_instance_rows = PairedStream(stream, class_stream, offset=num_rows), config.train_batch_size
     return Data(
         cache=cache,
-        stream=ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed),
-        validation_rows=torch.arange(num_rows, len(cache)),
+        stream=stream,
+        validation_rows=torch.arange(len(cache) - config.num_validation_samples, len(cache)),
         manifest=build_manifest(config_to_dict(config), config.seed, fingerprint, cache_key=key),
+        num_instance_rows=num_instance_rows,
     )
 
 
 def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) -> Optimisation:
-    """AdamW (or 8-bit AdamW) over the U-Net (and the text encoder), the LR schedule, EMA; wrapped by accelerate."""
+    """AdamW (or 8-bit AdamW) over the U-Net (and the text encoder), or over their LoRA adapters (added here, after
+    the latent cache was keyed on the base weights), the LR schedule, EMA; wrapped by accelerate."""
+    if config.lora_rank:
+        adapter = partial(lora_config, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        add_unet_lora(models.unet, adapter(config.lora_rank, target_modules=config.lora_target_modules))
+        if config.text_encoder_lora_rank:
+            targets = text_encoder_lora_targets(models.text_encoder)
+            add_text_encoder_lora(models.text_encoder, adapter(config.text_encoder_lora_rank, target_modules=targets))
     lr_scale = 1.0
     if config.scale_lr:
         lr_scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    param_groups = [{"params": list(models.unet.parameters()), "lr": config.learning_rate * lr_scale}]
-    if config.train_text_encoder:
+    unet_params = [p for p in models.unet.parameters() if p.requires_grad]
+    logger.info(f"Trainable U-Net parameters: {sum(p.numel() for p in unet_params) / 1e6:.3f}M")
+    param_groups = [{"params": unet_params, "lr": config.learning_rate * lr_scale}]
+    if config.text_encoder_trains:
         text_encoder_lr = config.text_encoder_learning_rate or config.learning_rate
         trainable = [p for p in models.text_encoder.parameters() if p.requires_grad]
         param_groups.append({"params": trainable, "lr": text_encoder_lr * lr_scale})
@@ -387,7 +564,7 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
         num_training_steps=config.max_train_steps,
     )
     text_encoder = None
-    if config.train_text_encoder:
+    if config.text_encoder_trains:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
             models.unet, models.text_encoder, optimizer, lr_scheduler
         )
@@ -398,16 +575,17 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
     ema = None
     if config.use_ema:
         ema = EMAModel(
-            models.unet.parameters(),
+            unet_params,
             decay=config.ema_decay,
             use_ema_warmup=config.ema_warmup,
             power=config.ema_power,
-            model_cls=ConditionalUNet,
+            # A LoRA run's EMA covers the adapters only: `save_ema_state` writes it, not `save_pretrained`.
+            model_cls=None if config.lora_rank else ConditionalUNet,
             model_config=models.unet.config,
         )
         ema.to(accelerator.device)
     params = [p for group in param_groups for p in group["params"]]
-    return Optimisation(unet, text_encoder, optimizer, lr_scheduler, ema, params)
+    return Optimisation(unet, text_encoder, optimizer, lr_scheduler, ema, params, unet_params)
 
 
 def text_conditioning(
@@ -440,7 +618,7 @@ def validate(config, accelerator, models, optimisation, data, state: RunState, e
     accelerator.log({"train_minutes": state.train_seconds / 60}, step=step)
     for model in optimisation.trained_models:
         model.eval()
-    trained_encoder = models.text_encoder if config.train_text_encoder else None
+    trained_encoder = models.text_encoder if config.text_encoder_trains else None
     metrics = run_validation(
         config,
         accelerator,
@@ -477,16 +655,37 @@ def main(argv: list[str] | None = None) -> Path:
     opt = prepare_optimisation(config, accelerator, models)
 
     def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states
-        if opt.ema is not None:
+        if opt.ema is not None and config.lora_rank:
+            save_ema_state(opt.ema, folder / LORA_EMA_FILE)
+        elif opt.ema is not None:
             opt.ema.save_pretrained(str(folder / "unet_ema"))
         save_config(config, folder / "train_config.yaml")
         write_manifest(data.manifest, folder)
 
-    run = TrainingRun(accelerator, config, write_extra)
+    text_encoder_adapters = models.text_encoder if config.text_encoder_lora_rank else None
+    if config.lora_rank:
+        checkpoint_adapters_only(accelerator, models.unet, text_encoder_adapters)
+    hardware = hardware_description(accelerator)  # on every process: it gathers their device names
+    uploader = None
+    if config.push_to_hub:
+
+        def write_hub_folder(folder: Path) -> None:  # what a checkpoint commits: the pipeline as it would be saved now
+            with ema_weights(models.unet, opt.ema):
+                save_trained(folder, config, models)
+            write_card(folder, config, training_recipe(config, accelerator, data, opt, run.state, hardware))
+
+        staging = Path(config.output_dir) / STAGING
+        uploader = HubUploader(
+            config.hub_model_id, config.hub_strategy, write_hub_folder, staging, private=config.hub_private_repo
+        )
+    run = TrainingRun(accelerator, config, write_extra, uploader)
     run.resume(checkpoint)
     if checkpoint is not None and opt.ema is not None:
-        ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
-        opt.ema.load_state_dict(ema_state)
+        if config.lora_rank:
+            load_ema_state(opt.ema, checkpoint / LORA_EMA_FILE)
+        else:
+            ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
+            opt.ema.load_state_dict(ema_state)
         opt.ema.to(accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers("latentddpm", config=tracker_config(config))
@@ -512,12 +711,19 @@ def main(argv: list[str] | None = None) -> Path:
                 generator = step_generator(config.seed, micro_step, accelerator.process_index)
                 seed_global_rng(config.seed, micro_step, accelerator.process_index)
                 rows = data.stream.indices(micro_step, accelerator.process_index)
-                latents, caption_ids = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
+                latents, caption_ids, loss_mask = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
                 with no_sync(accelerator, opt.trained_models, skip=micro < accum - 1), accelerator.autocast():
                     hidden, mask = text_conditioning(caption_ids, data.cache, models, encoder, device)
-                    micro_loss, _ = training_loss(
-                        opt.unet, models.noise_scheduler, latents.to(device), hidden, mask, objective, generator
+                    latents = latents.to(device)
+                    sample_losses, _ = training_losses(
+                        opt.unet, models.noise_scheduler, latents, hidden, mask, objective, generator, loss_mask
                     )
+                    if data.num_instance_rows is None:
+                        micro_loss = sample_losses.mean()
+                    else:
+                        micro_loss = prior_preservation_loss(
+                            sample_losses, data.num_instance_rows, config.prior_loss_weight
+                        )
                     accelerator.backward(micro_loss / accum)
                 loss += micro_loss.detach() / accum
 
@@ -526,7 +732,7 @@ def main(argv: list[str] | None = None) -> Path:
             if run.should_step(grad_norm):
                 opt.optimizer.step()
                 if opt.ema is not None:
-                    opt.ema.step(models.unet.parameters())
+                    opt.ema.step(opt.unet_params)
             opt.optimizer.zero_grad(set_to_none=True)
             opt.lr_scheduler.step()
             state.global_step += 1
@@ -536,7 +742,7 @@ def main(argv: list[str] | None = None) -> Path:
             if state.global_step % config.log_every == 0 or state.global_step == config.max_train_steps:
                 lrs = opt.lr_scheduler.get_last_lr()
                 logs = {"loss": accelerator.reduce(loss, reduction="mean").item(), "lr": lrs[0]}
-                logs |= {"lr_text_encoder": lrs[1]} if config.train_text_encoder else {}
+                logs |= {"lr_text_encoder": lrs[1]} if config.text_encoder_trains else {}
                 logs |= {"grad_norm": grad_norm.item(), "train_minutes": state.train_seconds / 60}
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=state.global_step)
@@ -546,26 +752,114 @@ def main(argv: list[str] | None = None) -> Path:
                 if evaluation or (config.validation_steps and state.global_step % config.validation_steps == 0):
                     validate(config, accelerator, models, opt, data, state, opt.ema, evaluation)
     progress.close()
-    return save(config, accelerator, models, opt, data, run)
+    return save(config, accelerator, models, opt, data, run, hardware)
 
 
-def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation, data: Data, run: TrainingRun) -> Path:
-    """The pipeline with the EMA weights, its config and manifest, the final validation (and evaluation)."""
+def checkpoint_adapters_only(accelerator, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """Make the checkpoints of a LoRA run hold the adapters of `unet` (and `text_encoder`), in the run's final format,
+    instead of the whole frozen models: accelerate's save and load of the prepared models are replaced by
+    [`save_lora`] and [`load_lora`], as diffusers' LoRA examples do. The optimizer state is still accelerate's."""
+
+    def save_adapters(prepared_models, weights: list, folder: str) -> None:
+        if accelerator.is_main_process:
+            save_lora(folder, unet, text_encoder)
+        weights.clear()
+
+    def load_adapters(prepared_models: list, folder: str) -> None:
+        prepared_models.clear()
+        load_lora(folder, unet, text_encoder)
+
+    accelerator.register_save_state_pre_hook(save_adapters)
+    accelerator.register_load_state_pre_hook(load_adapters)
+
+
+def training_recipe(
+    config: TrainLDMConfig, accelerator, data: Data, opt: Optimisation, state: RunState, hardware: str
+) -> TrainingRecipe:
+    """How the pipeline was trained up to `state`, for its model card."""
+    return TrainingRecipe(
+        dataset=config.dataset,
+        num_images=data.stream.num_rows,
+        steps=state.global_step,
+        max_train_steps=config.max_train_steps,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        learning_rate=opt.optimizer.param_groups[0]["initial_lr"],  # the U-Net's peak, scaled when `scale_lr`
+        lr_scheduler=config.lr_scheduler,
+        mixed_precision=config.mixed_precision,
+        hardware=hardware,
+        train_minutes=state.train_seconds / 60,
+        base_model=config.pretrained_pipeline,
+    )
+
+
+def write_card(folder: Path, config: TrainLDMConfig, recipe: TrainingRecipe, grid=None, evaluation=None) -> Path:
+    """The model card (`README.md`) of what `save_trained` wrote in `folder`, with the validation grid and the metrics
+    of the evaluation (`metrics.json` of `latentddpm evaluate`) when there are any; a LoRA's card names its base, the
+    trigger words (a DreamBooth run's `instance_prompt`) and how to load it."""
+    if config.lora_rank:
+        return write_lora_model_card(
+            folder,
+            repo_id=config.hub_model_id,
+            base_model=config.pretrained_pipeline,
+            trigger_words=[config.instance_prompt] if config.instance_prompt else None,
+            sample_grid=grid,
+            license=config.hub_license,
+            extra_sections=training_sections(recipe, evaluation),
+        )
+    return write_training_model_card(
+        folder,
+        recipe,
+        evaluation=evaluation,
+        repo_id=config.hub_model_id,
+        sample_grid=grid,
+        training_config=config_to_dict(config),
+        license=config.hub_license,
+    )
+
+
+def save_trained(folder: Path, config: TrainLDMConfig, models: Models) -> None:
+    """What a run hands on, into `folder`: the whole pipeline, or for a LoRA run its adapters alone
+    (`pytorch_lora_weights.safetensors`, diffusers' LoRA format)."""
+    if config.lora_rank:
+        save_lora(folder, models.unet, models.text_encoder if config.text_encoder_lora_rank else None)
+    else:
+        models.pipeline().save_pretrained(str(folder))
+
+
+def save(
+    config: TrainLDMConfig,
+    accelerator,
+    models: Models,
+    opt: Optimisation,
+    data: Data,
+    run: TrainingRun,
+    hardware: str,
+) -> Path:
+    """The pipeline with the EMA weights (or, for a LoRA run, the adapters alone), its config, manifest and model
+    card, the final validation (and evaluation); with `push_to_hub`, committed after the pending checkpoint commits."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
     if opt.ema is not None:
-        opt.ema.copy_to(models.unet.parameters())
+        opt.ema.copy_to(opt.unet_params)
     metrics = validate(config, accelerator, models, opt, data, run.state, None, config.evaluation_config is not None)
     if accelerator.is_main_process:
-        pipeline = models.pipeline()
-        pipeline.save_pretrained(str(output_dir))
+        save_trained(output_dir, config, models)
         save_config(config, output_dir / "train_config.yaml")
         final_metrics = {k: v for k, v in metrics.items() if k != "grid"}  # the grid is saved as a PNG
         final = {"final_metrics": final_metrics, "skipped_steps": run.state.skipped_steps}
         write_manifest(data.manifest | final, output_dir)
-        if config.push_to_hub:
-            pipeline.push_to_hub(config.hub_model_id, dataset=config.dataset, sample_grid=metrics.get("grid"))
-        logger.info(f"Saved the pipeline to {output_dir}")
+        evaluation = None
+        if config.evaluation_config is not None:
+            metrics_file = evaluation_dir(output_dir, run.state.global_step) / "metrics.json"
+            evaluation = json.loads(metrics_file.read_text())
+        recipe = training_recipe(config, accelerator, data, opt, run.state, hardware)
+        write_card(output_dir, config, recipe, metrics.get("grid"), evaluation)
+        what = "LoRA" if config.lora_rank else "pipeline"
+        logger.info(f"Saved the {what} to {output_dir}")
+        if run.uploader is not None:
+            logger.info(f"Pushed the {what} to {run.uploader.push_final(output_dir)}")
     accelerator.end_training()
     return output_dir
 

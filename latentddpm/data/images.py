@@ -71,6 +71,18 @@ def decode_rgb(
     return rgb, None
 
 
+def load_alpha(image: Any) -> Image.Image | None:
+    """The alpha channel of a transparent image (mode `L`, oriented as `load_rgb` orients the image), or `None` for
+    an opaque one (no alpha channel, no palette transparency). `image` is anything `load_rgb` reads, and must
+    decode (check it with `load_rgb` first)."""
+    pil = _image_source(image)
+    pil = pil if isinstance(pil, Image.Image) else Image.open(pil)
+    pil = ImageOps.exif_transpose(pil)
+    if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (pil.mode == "P" and "transparency" in pil.info):
+        return pil.convert("RGBA").getchannel("A")
+    return None
+
+
 @dataclass
 class ImageReport:
     """What `prepare_image_dataset` dropped: counts of rows checked and skipped, by reason."""

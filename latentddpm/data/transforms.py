@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import load_rgb
+from .images import load_alpha, load_rgb
 
 
 class ImageTransform:
@@ -41,32 +41,56 @@ class ImageTransform:
         Returns:
             `torch.Tensor` of shape (3, resolution, resolution), float32 in [-1, 1].
         """
+        (pixels,) = self._transform([self._rgb(image)], generator)
+        return pixels / 127.5 - 1.0
+
+    def with_alpha(self, image: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like calling the transform (the same random draws, so the same crop and flip), and also the image's alpha
+        channel through the same resize, crop and flip: all ones for an opaque image.
+
+        Returns:
+            `(pixels, alpha)`: `pixels` as `__call__` returns them, `alpha` of shape (1, resolution, resolution),
+            float32 in [0, 1].
+        """
+        rgb = self._rgb(image)
+        alpha = load_alpha(image)
+        if alpha is None:
+            alpha = Image.new("L", rgb.size, 255)
+        pixels, alpha = self._transform([rgb, alpha.convert("RGB")], generator)
+        return pixels / 127.5 - 1.0, alpha[:1] / 255.0
+
+    @staticmethod
+    def _rgb(image: Any) -> Image.Image:
         # Size was checked by `prepare_image_dataset`; here only decoding matters.
-        image = load_rgb(image, min_size=1)
-        if image is None:
+        rgb = load_rgb(image, min_size=1)
+        if rgb is None:
             raise ValueError(
                 "An image cannot be decoded; filter the dataset with `prepare_image_dataset` before training."
             )
-        width, height = image.size
+        return rgb
+
+    def _transform(self, images: list[Image.Image], generator: torch.Generator | None) -> list[torch.Tensor]:
+        """One resize, crop and flip (one set of random draws) applied to same-sized RGB images; each comes back as a
+        float tensor of shape (3, resolution, resolution) in [0, 255]."""
+        width, height = images[0].size
         scale = self.resolution / min(width, height)
         new_size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-        if new_size != image.size:
+        if new_size != images[0].size:
             # PIL filters with a support that widens when downscaling, so this is antialiased like torchvision's
             # `Resize` on PIL images.
-            image = image.resize(new_size, Image.Resampling.BILINEAR)
+            images = [image.resize(new_size, Image.Resampling.BILINEAR) for image in images]
 
-        width, height = image.size
+        width, height = new_size
         if self.center_crop:
             left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
         else:
             left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
             top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        images = [image.crop((left, top, left + self.resolution, top + self.resolution)) for image in images]
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-        return pixels / 127.5 - 1.0
+            images = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
+        # (H, W, 3) -> (3, H, W)
+        return [torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) for image in images]
 
 
 def pick_caption(caption: str | Sequence[str], generator: torch.Generator | None = None) -> str:

@@ -233,6 +233,7 @@ def evaluate(config: EvaluateConfig, pipeline=None) -> dict:
         "data_kind": kind,
         "features": None if extractor is None else extractor.description,
         "num_reference": None if reference is None else reference.count,
+        "grid_prompts": prompts[: config.grid_images],  # the prompts of each grid's images, in reading order
         "model_metrics": model_metrics,
         "rows": table,
     }
