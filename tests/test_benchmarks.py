@@ -84,10 +84,11 @@ def test_vae_stars_reports_each_vae_and_size_and_draws_the_grid(tiny_vae, tmp_pa
     from benchmarks import vae_stars
 
     text = vae_stars.main(["--vae", f"a={tiny_vae}", "--vae", f"b={tiny_vae}", "--grid", str(tmp_path / "grid.png")])
-    rows = text.splitlines()[2:]
+    rows, shapes = (table.splitlines()[2:] for table in text.split("\n\n"))
     assert [row.split(" | ")[:2] for row in rows] == [
         [f"| {name}", f"{size} px"] for name in ("drawn", "a", "b") for size in vae_stars.DIAMETERS
     ]
     assert rows[0].endswith("| 5 of 5 |")  # the drawn stars pass the judge
     assert rows[2].removeprefix("| a") == rows[4].removeprefix("| b")  # the same VAE twice, the same numbers
+    assert [row.split(" | ")[0] for row in shapes] == ["| a", "| b"]
     assert Image.open(tmp_path / "grid.png").size == (15 * 100, 3 * 100)  # 10 held-out stars + 5 instance images
