@@ -649,8 +649,8 @@ def save(
     if accelerator.is_main_process:
         pipeline = models.pipeline()
         if config.lora_rank:
-            text_encoder = models.text_encoder if config.text_encoder_lora_rank else None  # with adapters, or None
-            lora_weights = save_lora(output_dir, models.unet, text_encoder)
+            text_encoder_adapters = models.text_encoder if config.text_encoder_lora_rank else None
+            lora_weights = save_lora(output_dir, models.unet, text_encoder_adapters)
         else:
             pipeline.save_pretrained(str(output_dir))
         save_config(config, output_dir / "train_config.yaml")
