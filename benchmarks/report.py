@@ -227,6 +227,10 @@ SECTIONS: dict[str, Section] = {
             code_block=False,
         ),
     ),
+    "lora": Section(
+        "LoRA vs full fine-tuning of the U-Net",
+        command_outputs(_module("benchmarks.lora", "--configs", "small,base", "--threads", "1"), code_block=False),
+    ),
     "sd_sampling": Section(
         "Stable Diffusion: imported pipeline vs StableDiffusionPipeline",
         command_outputs(

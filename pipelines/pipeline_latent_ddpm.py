@@ -85,8 +85,8 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
     - Text-encoder LoRA weights of a BERT text encoder (our default) cannot be loaded by `load_lora_weights`:
       diffusers' text-encoder loader knows CLIP's layer names only (`q_proj`, `k_proj`, `v_proj`, `out_proj`) and
       fails with "Could not automatically infer state dict type"; U-Net LoRAs load, and LoRA layers put on the text
-      encoder with peft are weighed by `cross_attention_kwargs["scale"]`. With transformers 5, diffusers' text-encoder
-      LoRA loading (CLIP included) also needs peft >= 0.22.
+      encoder with peft are weighed by `cross_attention_kwargs["scale"]`. A CLIP text encoder's LoRA (a Stable
+      Diffusion base's, as `train_ldm --text_encoder_lora_rank` trains it) loads.
     - No safety checker, textual inversion (`TextualInversionLoaderMixin`) or `from_single_file`; `guidance_scale`
       defaults to 3.0.
     - `vae_scale_factor`, `image_processor` and `mask_processor` follow `self.vae` and raise without one.

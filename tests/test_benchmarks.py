@@ -3,10 +3,11 @@
 import argparse
 
 import pytest
+import torch
 from conftest import TINY_LDM_CONFIG
 from PIL import Image
 
-from benchmarks import report, time_to_quality
+from benchmarks import lora, report, time_to_quality
 from latentddpm.configs import config_path
 from latentddpm.training import train_ldm
 
@@ -92,3 +93,19 @@ def test_vae_stars_reports_each_vae_and_size_and_draws_the_grid(tiny_vae, tmp_pa
     assert rows[2].removeprefix("| a") == rows[4].removeprefix("| b")  # the same VAE twice, the same numbers
     assert [row.split(" | ")[0] for row in shapes] == ["| a", "| b"]
     assert Image.open(tmp_path / "grid.png").size == (15 * 100, 3 * 100)  # 10 held-out stars + 5 instance images
+
+
+def test_lora_benchmark_trains_rank_r_adapters_on_every_attention_projection():
+    pytest.importorskip("peft")
+    args = lora.parse_args(["--steps", "1", "--warmup", "0"])
+    numbers = lora.measure("tiny", "lora", args)
+    unet = lora.build_unet("tiny", args)
+    # Closed form: a rank-r LoRA of a Linear(in, out) has r * (in + out) weights.
+    projections = ("to_q", "to_k", "to_v", "to_out.0")
+    linears = [m for name, m in unet.named_modules() if name.endswith(projections)]
+    assert linears and all(isinstance(m, torch.nn.Linear) for m in linears)
+    expected = sum(args.rank * (m.in_features + m.out_features) for m in linears)
+    assert numbers["trainable"] == expected
+    assert numbers["total"] == sum(p.numel() for p in unet.parameters()) + expected
+    # the file holds those weights in float32, a header and the adapter's config
+    assert 4 * expected < numbers["file_bytes"] < 4 * expected + 64 * 1024

@@ -4,6 +4,8 @@ gives our images, and the adapter goes to the Hub alone with a LoRA model card."
 
 import json
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -11,6 +13,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_pipeline_loaders import our_pipeline
 from tiny_sd import make_clip_tokenizer, make_stable_diffusion
 from transformers import BertConfig, BertModel
 
@@ -19,6 +22,7 @@ from latentddpm.config import ConfigError
 from latentddpm.hub import FINAL_IGNORE_PATTERNS
 from latentddpm.lora import text_encoder_lora_targets
 from latentddpm.pipelines.model_card import write_lora_model_card
+from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.training import train_ldm
 
 peft = pytest.importorskip("peft")
@@ -168,3 +172,28 @@ def test_lora_card_names_a_local_base_in_the_text_only(tmp_path):
     write_lora_model_card(tmp_path, base_model=str(tmp_path))
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model is None and f"`{tmp_path}`" in card.text
+
+
+def test_lora_on_our_own_pipeline_base_reloads_to_the_runs_validation_images(tmp_path):
+    # A LatentDDPMPipeline base (BERT text encoder, masked prompts): loaded onto a fresh copy of the base, the saved
+    # adapter samples the final validation grid again, pixel for pixel (it was drawn with the trained adapters in
+    # place), and the base alone does not.
+    base = tmp_path / "base"
+    pipe = our_pipeline()
+    pipe.save_pretrained(base)
+    out = train_lora(base, tmp_path / "run")
+    pipe = LatentDDPMPipeline.from_pretrained(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    # validation samples with train_ldm's noise process, the base's schedule in a DDPMNoiseScheduler
+    pipe.scheduler = DDPMNoiseScheduler.from_config(pipe.scheduler.config)
+
+    def sample() -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        image = pipe(["a red circle"], num_inference_steps=2, guidance_scale=3.0, generator=generator).images[0]
+        return np.asarray(image, dtype=np.int16)
+
+    base_image = sample()
+    pipe.load_lora_weights(str(out))
+    grid = np.asarray(PIL.Image.open(out / "validation" / "step-4.png"), dtype=np.int16)
+    np.testing.assert_array_equal(sample(), grid)
+    assert np.abs(base_image - grid).max() > 2

@@ -406,7 +406,9 @@ def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
         (train_ldm, ["--lr_scheduler", "cosine_annealing"], "'lr_scheduler' must be one of .*'cosine'"),
         (train_ldm, ["--train_batch_size", "8.5"], "'train_batch_size' must be an int, got '8.5'"),
         (train_ldm, ["--adam_beta2", "1"], r"'adam_beta2' must be in \[0, 1\), got 1.0"),
-        (train_ldm, ["--resume_from_checkpoint", "nowhere/checkpoint-5"], "is not a complete checkpoint"),
+        (train_ldm, ["--resume_from_checkpoint", "no/where/checkpoint-5"], "is not a complete checkpoint"),
+        # owner/name, no local folder: a Hub repo id, which offline cannot be read
+        (train_ldm, ["--resume_from_checkpoint", "nowhere/checkpoint-5"], "is no local folder, and the Hub"),
         (train_ldm, ["--config", "typo.yaml"], "Unknown config key 'checkpoint_total_limit' in .*typo.yaml. "
                                                "Did you mean 'checkpoints_total_limit'"),
         (train_vae, ["--kl_wieght", "0"], "Unknown config key 'kl_wieght' .* Did you mean 'kl_weight'"),
