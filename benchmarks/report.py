@@ -110,6 +110,36 @@ def demo(args: argparse.Namespace) -> Results:
     return Results([shlex.join(command), _shown(export)], "\n".join(lines), out / "scores.json")
 
 
+def vae_stars(args: argparse.Namespace) -> Results:
+    """The demo's VAE (shapes only) against the same config trained on the polygons dataset, on held-out stars."""
+    polygons = Path(args.work) / "vae_polygons"
+    train = ["latentddpm", "train-vae", "--config", "configs/shapes_vae.yaml", "--dataset", "polygons"]
+    train += ["--shapes_num_images", "5000", "--polygons_shapes_fraction", "0.25", "--output_dir", str(polygons)]
+    if not (args.reuse and (polygons / "config.json").exists()):
+        _run(train, log=Path(args.work) / "vae_polygons.log")
+    grid = ROOT / "results" / "vae_stars.png"
+    command = _module("benchmarks.vae_stars", "--vae", f"shapes only (the demo's)={Path(args.work) / 'demo' / 'vae'}")
+    command += ["--vae", f"polygons={polygons}", "--grid", str(grid)]
+    text = _run(command).strip()
+    picture = f"![held-out stars and instance images, reconstructed]({grid.relative_to(ROOT.parent)})"
+    return Results([shlex.join(train), _shown(command)], f"{text}\n\n{picture}", grid)
+
+
+def dreambooth_star(args: argparse.Namespace) -> Results:
+    """DreamBooth-LoRA of an orange star into the demo's pipeline, with and without prior preservation."""
+    out = Path(args.work) / "dreambooth_star"
+    command = _module("benchmarks.dreambooth_star", "--pipeline", str(Path(args.work) / "demo" / "pipeline"))
+    command += ["--out", str(out)]
+    if args.reuse and (out / "results.json").exists():
+        text = _run([*command, "--report-only"])
+    else:
+        text = _run(command, log=Path(args.work) / "dreambooth_star.log")
+    grid = ROOT / "results" / "dreambooth_star.png"
+    shutil.copyfile(out / "stars.png", grid)
+    picture = f"![sks star samples: base, with and without prior preservation]({grid.relative_to(ROOT.parent)})"
+    return Results([_shown(command)], f"{text.strip()}\n\n{picture}", out / "results.json")
+
+
 def schedulers(args: argparse.Namespace) -> Results:
     """Quality against sampling steps for each scheduler, on the demo's pipeline."""
     demo_dir = Path(args.work) / "demo"
@@ -174,6 +204,8 @@ SECTIONS: dict[str, Section] = {
     "time_to_quality_cifar10": Section(
         "Time to quality on CIFAR-10 (small config, CPU budget)", time_to_quality("cifar10")
     ),
+    "vae_stars": Section("A stage-1 VAE that can see new things: held-out stars", vae_stars),
+    "dreambooth_star": Section("A concept the base never saw: DreamBooth-LoRA on 2 CPU cores", dreambooth_star),
     "schedulers": Section("Quality against sampling steps, per scheduler", schedulers),
     "training": Section(
         "Training step: train_ldm's loop vs the same loop on diffusers' classes",

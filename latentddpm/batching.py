@@ -75,6 +75,11 @@ class PairedStream:
     def __init__(self, first: ShuffledStream, second: ShuffledStream, offset: int):
         self.first, self.second, self.offset = first, second, offset
 
+    @property
+    def num_rows(self) -> int:
+        """The rows of both tables (what a model card counts as the images trained on)."""
+        return self.first.num_rows + self.second.num_rows
+
     def indices(self, micro_step: int, process_index: int = 0) -> torch.Tensor:
         """Row indices, shape `(first.per_process + second.per_process,)`, of micro-batch `micro_step`."""
         second = self.second.indices(micro_step, process_index) + self.offset

@@ -318,7 +318,7 @@ def config_help(cls: type) -> str:
 class DataConfig:
     """Data settings shared by the training scripts (each script's config extends this)."""
 
-    dataset: str = "shapes"  # "shapes" (embedded), a Hub dataset name, an imagefolder path, or parquet file(s)
+    dataset: str = "shapes"  # "shapes" or "polygons" (embedded), a Hub dataset name, an imagefolder path, or parquet
     image_column: str = "image"  # column holding the images
     caption_column: str = "text"  # column holding a caption or a list of captions (one is drawn per step)
     max_train_samples: int | None = positive(None)  # truncate the dataset (debugging, quick runs)
@@ -326,24 +326,27 @@ class DataConfig:
     center_crop: bool = True  # center crop (True) or seeded random crop (False)
     random_flip: bool = False  # horizontal flips; leave off when captions name left/right
     min_image_size: int = positive(8)  # images with a side below this are skipped (counted in the log)
-    shapes_num_images: int = positive(20000)  # shapes dataset: number of images generated
+    shapes_num_images: int = positive(20000)  # shapes or polygons dataset: number of images generated
     shapes_holdout: list[str] = dataclasses.field(default_factory=list)  # shapes: captions never trained on
+    polygons_shapes_fraction: float = fraction(0.25)  # polygons dataset: fraction that are shapes images
 
     def load_dataset(self, seed: int):
         """The raw `datasets.Dataset` this config names (images not yet decoded or checked)."""
         from .data.sources import load_image_caption_dataset
 
-        shapes_kwargs = {}
-        if self.dataset == "shapes":
-            shapes_kwargs = dict(
+        generator_kwargs = {}
+        if self.dataset in ("shapes", "polygons"):
+            generator_kwargs = dict(
                 num_images=self.shapes_num_images, size=self.resolution, seed=seed, holdout=self.shapes_holdout
             )
+        if self.dataset == "polygons":
+            generator_kwargs["shapes_fraction"] = self.polygons_shapes_fraction
         return load_image_caption_dataset(
             self.dataset,
             image_column=self.image_column,
             caption_column=self.caption_column,
             max_train_samples=self.max_train_samples,
-            **shapes_kwargs,
+            **generator_kwargs,
         )
 
 

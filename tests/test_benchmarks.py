@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 from conftest import TINY_LDM_CONFIG
+from PIL import Image
 
 from benchmarks import lora, report, time_to_quality
 from latentddpm.configs import config_path
@@ -65,6 +66,33 @@ def test_time_to_quality_recipes_are_valid_train_ldm_overrides(recipe):
             None,
             False,
         )
+
+
+def test_dreambooth_star_instance_folder_holds_captioned_orange_stars_at_three_positions(tmp_path):
+    from benchmarks import dreambooth_star
+    from latentddpm.eval.stars import score_stars
+
+    folder = dreambooth_star.write_instance_folder(tmp_path / "instance")
+    captions = [path.read_text() for path in sorted(folder.glob("*.txt"))]
+    images = [Image.open(path) for path in sorted(folder.glob("*.png"))]
+    assert len(images) == len(captions) == 5 and all(image.size == (32, 32) for image in images)
+    positions = [caption.removeprefix("a sks star in the ") for caption in captions]
+    assert set(positions) == {"top left", "center", "bottom right"}
+    assert score_stars(images, positions)["star_acc"] == 1.0
+
+
+def test_vae_stars_reports_each_vae_and_size_and_draws_the_grid(tiny_vae, tmp_path):
+    from benchmarks import vae_stars
+
+    text = vae_stars.main(["--vae", f"a={tiny_vae}", "--vae", f"b={tiny_vae}", "--grid", str(tmp_path / "grid.png")])
+    rows, shapes = (table.splitlines()[2:] for table in text.split("\n\n"))
+    assert [row.split(" | ")[:2] for row in rows] == [
+        [f"| {name}", f"{size} px"] for name in ("drawn", "a", "b") for size in vae_stars.DIAMETERS
+    ]
+    assert rows[0].endswith("| 5 of 5 |")  # the drawn stars pass the judge
+    assert rows[2].removeprefix("| a") == rows[4].removeprefix("| b")  # the same VAE twice, the same numbers
+    assert [row.split(" | ")[0] for row in shapes] == ["| a", "| b"]
+    assert Image.open(tmp_path / "grid.png").size == (15 * 100, 3 * 100)  # 10 held-out stars + 5 instance images
 
 
 def test_lora_benchmark_trains_rank_r_adapters_on_every_attention_projection():

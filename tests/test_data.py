@@ -224,7 +224,10 @@ def test_load_shapes_source_and_its_argument_checks():
     )
     with pytest.raises(ValueError, match="only has split 'train', got split='test'"):
         load_image_caption_dataset("shapes", split="test", num_images=4)
-    with pytest.raises(ValueError, match="\\['num_images'\\] only apply to source='shapes'"):
+    with pytest.raises(
+        ValueError,
+        match="\\['num_images'\\] only apply to the generated sources \\['shapes', 'polygons'\\], not to source='some",
+    ):
         load_image_caption_dataset("some/dataset", num_images=4)
     with pytest.raises(
         ValueError,

@@ -201,7 +201,7 @@ def test_alpha_channel_becomes_the_latent_loss_mask_of_each_view(pipe, tmp_path)
 def test_prior_preservation_batches_are_instance_rows_then_class_rows():
     stream = PairedStream(ShuffledStream(3, 2, seed=0), ShuffledStream(5, 2, seed=1), offset=3)
     batches = torch.stack([stream.indices(step) for step in range(15)])  # 30 rows of each kind: 10 and 6 epochs
-    assert batches.shape == (15, 4)
+    assert batches.shape == (15, 4) and stream.num_rows == 3 + 5
     assert torch.equal(batches[:, :2].flatten().bincount(), torch.full((3,), 10))
     assert torch.equal(batches[:, 2:].flatten().bincount()[3:], torch.full((5,), 6))
 

@@ -1,6 +1,7 @@
-"""Training data: the embedded shapes dataset, image-caption sources, robust decoding and transforms."""
+"""Training data: the embedded shapes and polygons datasets, image-caption sources, robust decoding and transforms."""
 
 from .images import ImageReport, decode_rgb, load_rgb, prepare_image_dataset
+from .polygons import HELDOUT_COLORS, make_polygons_dataset, polygon_coverage, render_polygons, star_vertices
 from .shapes import (
     COLORS,
     DEFAULT_HOLDOUT,
@@ -20,6 +21,7 @@ from .transforms import ImageTransform, pick_caption
 __all__ = [
     "COLORS",
     "DEFAULT_HOLDOUT",
+    "HELDOUT_COLORS",
     "POSITIONS",
     "SHAPES",
     "ImageReport",
@@ -27,13 +29,17 @@ __all__ = [
     "decode_rgb",
     "load_image_caption_dataset",
     "load_rgb",
+    "make_polygons_dataset",
     "make_shapes_dataset",
     "parse_shapes_caption",
     "pick_caption",
+    "polygon_coverage",
     "prepare_image_dataset",
+    "render_polygons",
     "render_shape",
     "shape_coverage",
     "shapes_caption",
     "shapes_combinations",
     "shapes_prompts",
+    "star_vertices",
 ]

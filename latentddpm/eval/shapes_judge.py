@@ -52,24 +52,15 @@ def judge_image(image: ImageLike) -> dict[str, str | None]:
         `dict` with keys `"color"`, `"shape"` and `"position"`, each a name from `COLORS`, `SHAPES` and `POSITIONS`,
         or all `None` when the image has no foreground.
     """
-    pixels = _to_float_rgb(image)  # (H, W, 3) in [0, 1]
-    brightness = pixels.max(axis=2)
-    peak = float(np.percentile(brightness, 99))
-    if peak < MIN_PEAK_BRIGHTNESS:
+    pixels, mask = foreground(image)
+    if mask is None:
         return {"color": None, "shape": None, "position": None}
-    mask = _largest_component(brightness > peak / 2)
-
-    mean_rgb = pixels[mask].mean(axis=0)
-    chroma = mean_rgb / max(float(mean_rgb.max()), 1e-6)
-    color = _PALETTE_NAMES[int(np.argmin(((_PALETTE - chroma) ** 2).sum(axis=1)))]
-
-    height, width = mask.shape
-    ys, xs = np.nonzero(mask)
-    centroid = np.array([(xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height])
-    position = _POSITION_NAMES[int(np.argmin(((_POSITION_CENTERS - centroid) ** 2).sum(axis=1)))]
+    color = _PALETTE_NAMES[int(np.argmin(((_PALETTE - mean_chroma(pixels, mask)) ** 2).sum(axis=1)))]
+    position = nearest_position(mask)
 
     # Step 5 of the module docstring: draw each candidate with the component's area and centroid, keep the best IoU.
     area = float(mask.sum())
+    ys, xs = np.nonzero(mask)
     centroid_px = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
     scores = []
     for shape in SHAPES:
@@ -79,6 +70,39 @@ def judge_image(image: ImageLike) -> dict[str, str | None]:
         scores.append(_soft_iou(mask, shape_coverage(shape, center, half_size, mask.shape)))
     shape = SHAPES[int(np.argmax(scores))]
     return {"color": color, "shape": shape, "position": position}
+
+
+def foreground(image: ImageLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Steps 1 and 2 of the module docstring: the image and its shape's pixels.
+
+    Args:
+        image: Any image `judge_image` takes.
+
+    Returns:
+        `(pixels, mask)`: the image as float64 `np.ndarray` of shape (H, W, 3) in [0, 1] (at most `WORKING_SIZE` on
+        its longer side), and the boolean (H, W) mask of its largest bright component, or `None` when the image is
+        blank.
+    """
+    pixels = _to_float_rgb(image)
+    brightness = pixels.max(axis=2)
+    peak = float(np.percentile(brightness, 99))
+    if peak < MIN_PEAK_BRIGHTNESS:
+        return pixels, None
+    return pixels, _largest_component(brightness > peak / 2)
+
+
+def mean_chroma(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Step 3's brightness-free colour: the masked pixels' mean RGB divided by its largest channel, shape (3,)."""
+    mean_rgb = pixels[mask].mean(axis=0)
+    return mean_rgb / max(float(mean_rgb.max()), 1e-6)
+
+
+def nearest_position(mask: np.ndarray) -> str:
+    """Step 4: the name of the position centre nearest to the mask's centroid."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    centroid = np.array([(xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height])
+    return _POSITION_NAMES[int(np.argmin(((_POSITION_CENTERS - centroid) ** 2).sum(axis=1)))]
 
 
 def score_shapes(images: Sequence[ImageLike] | np.ndarray | torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
