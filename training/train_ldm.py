@@ -15,7 +15,6 @@ At the end the whole pipeline (EMA weights when `use_ema`) is saved to `output_d
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
@@ -113,7 +112,9 @@ class TrainLDMConfig(DataConfig):
     vlb_weight: float = non_negative(0.001)  # lambda of L_hybrid = L_simple + lambda * L_vlb when variance is learned
     # --- optimisation ---
     train_batch_size: int = positive(64)  # per process, per micro-batch
-    gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
+    # micro-batches per optimizer step; None = accelerate's (a DeepSpeed config's, `accelerate launch
+    # --gradient_accumulation_steps`, else 1)
+    gradient_accumulation_steps: int | None = positive(None)
     max_train_steps: int = positive(2000)  # optimizer steps
     learning_rate: float = positive(1e-3)  # peak learning rate
     scale_lr: bool = False  # multiply the LR by accumulation * batch * processes
@@ -132,11 +133,14 @@ class TrainLDMConfig(DataConfig):
     ema_warmup: bool = True  # EMA warmup (decay grows as 1 - (1 + step)^-2/3)
     ema_power: float = positive(0.6667)  # EMA warmup power
     # --- performance ---
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
+    # autocast precision; None = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`, else "no")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net
     enable_xformers: bool = False  # xformers attention (GPU; pip install latentddpm[xformers])
-    torch_compile: bool = False  # torch.compile the U-Net
+    # torch.compile the trained models (accelerate's dynamo backend "inductor", or "no"); None = accelerate's
+    # (`accelerate launch --dynamo_backend`, `accelerate config`, else no compilation)
+    torch_compile: bool | None = None
     dataloader_batch_size: int = positive(64)  # batch size for caching latents/text embeddings
     cache_dir: str = "outputs/cache"  # where latents and text embeddings are cached (keyed by content hash)
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
@@ -185,6 +189,12 @@ class TrainLDMConfig(DataConfig):
 
     def objective(self) -> Objective:
         return Objective(self.snr_gamma, self.noise_offset, self.input_perturbation, self.vlb_weight)
+
+    def dynamo_backend(self) -> str | None:
+        """accelerate's dynamo backend for `torch_compile`: None leaves it to accelerate's config and launcher."""
+        if self.torch_compile is None:
+            return None
+        return "inductor" if self.torch_compile else "no"
 
 
 @dataclass
@@ -363,7 +373,7 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
     """AdamW (or 8-bit AdamW) over the U-Net (and the text encoder), the LR schedule, EMA; wrapped by accelerate."""
     lr_scale = 1.0
     if config.scale_lr:
-        lr_scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        lr_scale = accelerator.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
     param_groups = [{"params": list(models.unet.parameters()), "lr": config.learning_rate * lr_scale}]
     if config.train_text_encoder:
         text_encoder_lr = config.text_encoder_learning_rate or config.learning_rate
@@ -393,8 +403,6 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
         )
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    if config.torch_compile:
-        unet = torch.compile(unet)
     ema = None
     if config.use_ema:
         ema = EMAModel(
@@ -423,15 +431,6 @@ def text_conditioning(
             prompts, models.tokenizer, text_encoder, device, use_attention_mask=models.use_attention_mask
         )
     return hidden.to(device), mask.to(device) if models.use_attention_mask else None
-
-
-def no_sync(accelerator, models: list[torch.nn.Module], skip: bool) -> contextlib.ExitStack:
-    """Hold back the gradient all-reduce of `models` (on every micro-batch but the last) when `skip`."""
-    stack = contextlib.ExitStack()
-    if skip:
-        for model in models:
-            stack.enter_context(accelerator.no_sync(model))
-    return stack
 
 
 def validate(config, accelerator, models, optimisation, data, state: RunState, ema, evaluation: bool) -> dict:
@@ -469,7 +468,11 @@ def validate(config, accelerator, models, optimisation, data, state: RunState, e
 def main(argv: list[str] | None = None) -> Path:
     config = parse_config(TrainLDMConfig, argv)
     checkpoint = find_checkpoint(config)  # before anything loads: a wrong path fails in seconds
-    accelerator = start_run(config)
+    accelerator = start_run(
+        config,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        dynamo_backend=config.dynamo_backend(),
+    )
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     models = load_models(config)
@@ -492,7 +495,7 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.init_trackers("latentddpm", config=tracker_config(config))
 
     # The loop. One optimizer step = gradient_accumulation_steps micro-batches per process.
-    state, accum, device = run.state, config.gradient_accumulation_steps, accelerator.device
+    state, accum, device = run.state, accelerator.gradient_accumulation_steps, accelerator.device
     objective = config.objective()
     encoder = opt.text_encoder  # the text encoder being trained, or None: cached embeddings
     progress = tqdm(
@@ -513,12 +516,14 @@ def main(argv: list[str] | None = None) -> Path:
                 seed_global_rng(config.seed, micro_step, accelerator.process_index)
                 rows = data.stream.indices(micro_step, accelerator.process_index)
                 latents, caption_ids = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
-                with no_sync(accelerator, opt.trained_models, skip=micro < accum - 1), accelerator.autocast():
+                # accelerate holds back the gradient sync until the last micro-batch (DDP's no_sync; FSDP and
+                # DeepSpeed their own) and scales the loss by 1 / accum in `backward`.
+                with accelerator.accumulate(*opt.trained_models), accelerator.autocast():
                     hidden, mask = text_conditioning(caption_ids, data.cache, models, encoder, device)
                     micro_loss, _ = training_loss(
                         opt.unet, models.noise_scheduler, latents.to(device), hidden, mask, objective, generator
                     )
-                    accelerator.backward(micro_loss / accum)
+                    accelerator.backward(micro_loss)
                 loss += micro_loss.detach() / accum
 
             # Non-finite gradients (the same on every process after the all-reduce): skip the update, count it.
