@@ -27,7 +27,6 @@ import torch
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from latentddpm.batching import ShuffledStream, seed_global_rng, step_generator
@@ -55,6 +54,7 @@ from latentddpm.config import (
 )
 from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
+from latentddpm.ema import ShardedEMAModel
 from latentddpm.latents import vae_scale_factor
 from latentddpm.losses import Objective, training_loss
 from latentddpm.manifest import build_manifest, write_manifest
@@ -64,7 +64,7 @@ from latentddpm.pipelines import LatentDDPMPipeline
 from latentddpm.runs import LR_SCHEDULERS, RunState, TrainingRun, find_checkpoint, start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
-from latentddpm.validation import run_evaluation, run_validation
+from latentddpm.validation import ema_weights, run_evaluation, run_validation
 
 logger = get_logger(__name__)
 # The noise scheduler of a fresh model, under the `noise_scheduler` keys. Cosine betas (Nichol & Dhariwal 2021) and
@@ -132,6 +132,10 @@ class TrainLDMConfig(DataConfig):
     ema_decay: float = 0.999  # maximum EMA decay, in (0, 1)
     ema_warmup: bool = True  # EMA warmup (decay grows as 1 - (1 + step)^-2/3)
     ema_power: float = positive(0.6667)  # EMA warmup power
+    # Where the EMA lives: with the weights ("accelerator") or in CPU memory ("cpu": frees accelerator memory, costs a
+    # copy of the weights to the host at each update). Under FSDP and ZeRO-3 each process keeps its shards' EMA.
+    ema_device: Literal["accelerator", "cpu"] = "accelerator"
+    ema_update_every: int = positive(1)  # update the EMA every N optimizer steps (with the decay of N steps)
     # --- performance ---
     # autocast precision; None = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`, else "no")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
@@ -234,8 +238,8 @@ class Optimisation:
     text_encoder: torch.nn.Module | None  # prepared, when trained
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    ema: EMAModel | None
-    params: list[torch.nn.Parameter]  # what the optimizer updates (gradient clipping)
+    ema: ShardedEMAModel | None  # of the U-Net's weights as each process holds them (sharded under FSDP, ZeRO-3)
+    params: list[torch.nn.Parameter]  # what the optimizer updates, as prepared (gradient clipping)
 
     @property
     def trained_models(self) -> list[torch.nn.Module]:
@@ -405,16 +409,18 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
         unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     ema = None
     if config.use_ema:
-        ema = EMAModel(
-            models.unet.parameters(),
+        # Of the prepared U-Net's parameters: under FSDP and ZeRO-3 these are this process's shards.
+        ema = ShardedEMAModel(
+            unet.parameters(),
+            update_every=config.ema_update_every,
             decay=config.ema_decay,
             use_ema_warmup=config.ema_warmup,
             power=config.ema_power,
-            model_cls=ConditionalUNet,
-            model_config=models.unet.config,
         )
-        ema.to(accelerator.device)
-    params = [p for group in param_groups for p in group["params"]]
+        ema.to(accelerator.device if config.ema_device == "accelerator" else "cpu")
+        ema.register_for_checkpointing(accelerator)  # a shard file per process in every checkpoint
+    # The optimizer's parameters after `prepare`: FSDP replaces them with its sharded ones.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     return Optimisation(unet, text_encoder, optimizer, lr_scheduler, ema, params)
 
 
@@ -479,18 +485,12 @@ def main(argv: list[str] | None = None) -> Path:
     data = load_data(config, accelerator, models)
     opt = prepare_optimisation(config, accelerator, models)
 
-    def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states
-        if opt.ema is not None:
-            opt.ema.save_pretrained(str(folder / "unet_ema"))
+    def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states and the EMA shards
         save_config(config, folder / "train_config.yaml")
         write_manifest(data.manifest, folder)
 
     run = TrainingRun(accelerator, config, write_extra)
-    run.resume(checkpoint)
-    if checkpoint is not None and opt.ema is not None:
-        ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
-        opt.ema.load_state_dict(ema_state)
-        opt.ema.to(accelerator.device)
+    run.resume(checkpoint)  # the EMA shards too (`ShardedEMAModel.register_for_checkpointing`)
     if accelerator.is_main_process:
         accelerator.init_trackers("latentddpm", config=tracker_config(config))
 
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> Path:
             if run.should_step(grad_norm):
                 opt.optimizer.step()
                 if opt.ema is not None:
-                    opt.ema.step(models.unet.parameters())
+                    opt.ema.step(opt.unet.parameters())
             opt.optimizer.zero_grad(set_to_none=True)
             opt.lr_scheduler.step()
             state.global_step += 1
@@ -558,8 +558,13 @@ def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation,
     """The pipeline with the EMA weights, its config and manifest, the final validation (and evaluation)."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
-    if opt.ema is not None:
-        opt.ema.copy_to(models.unet.parameters())
+    with ema_weights(opt.unet, opt.ema):  # on every process: gathering FSDP's and ZeRO-3's shards is collective
+        unet_state = accelerator.get_state_dict(opt.unet)
+    if accelerator.is_main_process:
+        # A fresh U-Net with the gathered weights: under FSDP and ZeRO-3 `models.unet` holds this process's shards.
+        models.unet = type(models.unet).from_config(models.unet.config)
+        models.unet.load_state_dict(unet_state)
+        models.unet.to(accelerator.device)
     metrics = validate(config, accelerator, models, opt, data, run.state, None, config.evaluation_config is not None)
     if accelerator.is_main_process:
         pipeline = models.pipeline()
