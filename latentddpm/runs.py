@@ -20,6 +20,7 @@ from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint,
 from .config import save_config
 from .nonfinite import NonFiniteGuard
 from .optional import import_optional
+from .threads import choose_torch_threads
 
 logger = get_logger(__name__)
 LR_SCHEDULERS = [s.value for s in SchedulerType]  # the `lr_scheduler` names diffusers' get_scheduler takes
@@ -35,7 +36,8 @@ ACCELERATE_SETTINGS = {
 
 
 def start_run(config, **accelerate_settings) -> Accelerator:
-    """Set up a training run from its config (`output_dir`, `mixed_precision`, `report_to`, `torch_threads`, `seed`).
+    """Set up a training run from its config (`output_dir`, `mixed_precision`, `report_to`, `torch_threads`,
+    `adapt_torch_threads`, `seed`).
 
     accelerate owns mixed precision, gradient accumulation, the dynamo backend and the FSDP/DeepSpeed plugins: each
     comes from `accelerate config` and `accelerate launch`'s flags unless the training config sets it (not None), and
@@ -68,6 +70,10 @@ def start_run(config, **accelerate_settings) -> Accelerator:
     logger.info(f"distributed_type={accelerator.distributed_type.value} (from accelerate launch / accelerate config)")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    elif config.adapt_torch_threads and accelerator.device.type == "cpu":
+        threads, reason = choose_torch_threads()
+        torch.set_num_threads(threads)
+        logger.info(f"torch threads: {threads} ({reason})")
     set_seed(config.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

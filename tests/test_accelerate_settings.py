@@ -30,6 +30,7 @@ class RunConfig:
     mixed_precision: str | None = None
     report_to: str = "none"
     torch_threads: int | None = None
+    adapt_torch_threads: bool = False
     seed: int = 0
 
 

@@ -148,6 +148,9 @@ class TrainLDMConfig(DataConfig):
     dataloader_batch_size: int = positive(64)  # batch size for caching latents/text embeddings
     cache_dir: str = "outputs/cache"  # where latents and text embeddings are cached (keyed by content hash)
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
+    # With torch_threads None, on CPU: fewer threads than cores when other processes keep cores busy (measured at
+    # start, logged; latentddpm.threads). Off by default: results then depend on the machine's load, bit for bit.
+    adapt_torch_threads: bool = False
     # --- checkpoints, logging, validation ---
     output_dir: str = "outputs/shapes_ldm"  # the saved pipeline goes here, checkpoints in output_dir/checkpoints
     seed: int = 0  # seeds model init, data order and every random draw

@@ -75,6 +75,9 @@ class TrainVAEConfig(DataConfig):
     # autocast precision; None = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`, else "no")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
+    # With torch_threads None, on CPU: fewer threads than cores when other processes keep cores busy (measured at
+    # start, logged; latentddpm.threads). Off by default: results then depend on the machine's load, bit for bit.
+    adapt_torch_threads: bool = False
     # --- latent scaling, evaluation, output ---
     scale_samples: int = positive(2048)  # images encoded to measure the latent mean/std for scaling_factor
     compute_shift_factor: bool = True  # also centre the latents (shift_factor = latent mean)
