@@ -8,17 +8,21 @@ process's shards must equal its slice of the oracle bit for bit.
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+from test_training import ldm_args
 
 from latentddpm.config import ConfigError
 from latentddpm.configs import config_path
 from latentddpm.ema import ShardedEMAModel, local_tensor
 from latentddpm.models import ConditionalUNet
+from latentddpm.training import train_ldm
 from latentddpm.validation import ema_weights
 
 NUM_PROCESSES = 2
@@ -150,3 +154,13 @@ def test_sharded_ema_matches_the_gathered_oracle_resumes_exactly_and_exports_the
     tmp_path, update_every
 ):
     mp.spawn(run_rank, args=(_free_port(), str(tmp_path), update_every), nprocs=NUM_PROCESSES, join=True)
+
+
+def test_saved_pipeline_holds_the_ema_of_the_last_checkpoint_not_the_trained_weights(tiny_vae, tmp_path):
+    out = train_ldm.main(ldm_args(tiny_vae, tmp_path, "--checkpointing_steps", "6", "--ema_decay", "0.5"))
+    saved = ConditionalUNet.from_pretrained(str(out / "unet"))
+    shards = load_file(str(Path(out) / "checkpoints" / "checkpoint-6" / "ema_shard_0.safetensors"))
+    trained = load_file(str(Path(out) / "checkpoints" / "checkpoint-6" / "model.safetensors"))
+    names = [name for name, _ in saved.named_parameters()]
+    assert all(torch.equal(p, shards[str(i)]) for i, (_, p) in enumerate(saved.named_parameters()))
+    assert not all(torch.equal(shards[str(i)], trained[name]) for i, name in enumerate(names))

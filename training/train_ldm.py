@@ -563,11 +563,12 @@ def save(config: TrainLDMConfig, accelerator, models: Models, opt: Optimisation,
     accelerator.wait_for_everyone()
     with ema_weights(opt.unet, opt.ema):  # on every process: gathering FSDP's and ZeRO-3's shards is collective
         unet_state = accelerator.get_state_dict(opt.unet)
-    if accelerator.is_main_process:
-        # A fresh U-Net with the gathered weights: under FSDP and ZeRO-3 `models.unet` holds this process's shards.
-        models.unet = type(models.unet).from_config(models.unet.config)
-        models.unet.load_state_dict(unet_state)
-        models.unet.to(accelerator.device)
+        if accelerator.is_main_process:
+            # A fresh U-Net with the gathered weights (under FSDP and ZeRO-3 `models.unet` holds this process's
+            # shards), copied before the trained weights are restored: unsharded, the state dict shares their storage.
+            unet = type(models.unet).from_config(models.unet.config)
+            unet.load_state_dict(unet_state)
+            models.unet = unet.to(accelerator.device)
     metrics = validate(config, accelerator, models, opt, data, run.state, None, config.evaluation_config is not None)
     if accelerator.is_main_process:
         pipeline = models.pipeline()
