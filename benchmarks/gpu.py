@@ -88,7 +88,7 @@ class Settings:
 
 
 FULL = Settings("base", (32, 64), 512, 64, (1, 8), 50, 3, 10, compile_backend="inductor", dtype=torch.bfloat16)
-DRY_RUN = Settings("tiny", (4, 8), 2, 8, (1, 2), 2, 1, 2, compile_backend="eager", dtype=torch.float32)
+DRY_RUN = Settings("tiny", (4, 8), 2, 2, (1, 2), 2, 1, 2, compile_backend="eager", dtype=torch.float32)
 
 
 @dataclass
