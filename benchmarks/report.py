@@ -231,6 +231,16 @@ SECTIONS: dict[str, Section] = {
         "LoRA vs full fine-tuning of the U-Net",
         command_outputs(_module("benchmarks.lora", "--configs", "small,base", "--threads", "1"), code_block=False),
     ),
+    "gpu": Section(
+        "GPU: training and sampling throughput against diffusers",
+        command_outputs(_module("benchmarks.gpu"), code_block=False),
+    ),
+    "contention": Section(
+        "Training step on a CPU another process keeps busy; torch.compile on CPU",
+        command_outputs(
+            _module("benchmarks.contention"), _module("benchmarks.contention", "--compile"), code_block=False
+        ),
+    ),
     "sd_sampling": Section(
         "Stable Diffusion: imported pipeline vs StableDiffusionPipeline",
         command_outputs(

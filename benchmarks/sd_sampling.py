@@ -59,9 +59,9 @@ def build_stable_diffusion(config_name: str) -> StableDiffusionPipeline:
             eos_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id,
             hidden_size=unet_config["cross_attention_dim"],
-            intermediate_size=3072,
+            intermediate_size=4 * unet_config["cross_attention_dim"],  # CLIP ViT-L/14's 3072 for SD's 768
             num_hidden_layers=12,
-            num_attention_heads=12,
+            num_attention_heads=max(1, unet_config["cross_attention_dim"] // 64),  # 12 for SD's 768
             max_position_embeddings=77,
         )
     )

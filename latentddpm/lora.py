@@ -5,17 +5,14 @@ reads); `train_ldm` writes their model card and pushes them (see `latentddpm.hub
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from diffusers.training_utils import EMAModel, _set_state_dict_into_text_encoder
+from diffusers.training_utils import _set_state_dict_into_text_encoder
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .optional import import_optional
 from .pipelines import LatentDDPMPipeline
@@ -29,7 +26,6 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # LoRA format (`load_lora_weights`, `convert_state_dict_to_peft`) knows no other text encoder's layer names.
 TEXT_ENCODER_LORA_TARGETS = {"clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 ADAPTER_NAME = "default"  # peft's, and the one `get_peft_model_state_dict` reads
-LORA_EMA_FILE = "lora_ema.safetensors"  # a LoRA run's EMA of the adapters, in its checkpoints
 
 
 def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[str]:
@@ -113,19 +109,3 @@ def load_lora(folder: str | os.PathLike, unet: torch.nn.Module, text_encoder: to
         raise ValueError(f"{folder}: LoRA weights for layers the U-Net has no adapter on: {result.unexpected_keys}")
     if text_encoder is not None:
         _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
-
-
-def save_ema_state(ema: EMAModel, path: str | os.PathLike) -> None:
-    """Write an `EMAModel` of some of a model's parameters (a LoRA's adapters, which `EMAModel.save_pretrained`
-    cannot write: it fills a whole model) to one safetensors file: its averages in order, its counters as metadata."""
-    state = ema.state_dict()
-    tensors = {f"shadow_params.{i}": p.detach().contiguous() for i, p in enumerate(state.pop("shadow_params"))}
-    save_file(tensors, str(path), metadata={"ema_state": json.dumps(state)})
-
-
-def load_ema_state(ema: EMAModel, path: str | os.PathLike) -> None:
-    """Restore into `ema` (made over the same parameters) what [`save_ema_state`] wrote."""
-    with safe_open(str(path), framework="pt") as file:
-        state = json.loads(file.metadata()["ema_state"])
-        state["shadow_params"] = [file.get_tensor(f"shadow_params.{i}") for i in range(len(file.keys()))]
-    ema.load_state_dict(state)

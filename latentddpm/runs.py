@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,35 +21,76 @@ from .config import save_config
 from .hub import HubUploader, hub_checkpoint
 from .nonfinite import NonFiniteGuard
 from .optional import import_optional
+from .threads import choose_torch_threads
 
 logger = get_logger(__name__)
 LR_SCHEDULERS = [s.value for s in SchedulerType]  # the `lr_scheduler` names diffusers' get_scheduler takes
 
 
-def start_run(config) -> Accelerator:
-    """Set up a training run from its config (`output_dir`, `mixed_precision`, `report_to`, `torch_threads`, `seed`).
+# The Accelerator settings that `accelerate config` and `accelerate launch` own, with the environment variable through
+# which the launcher hands each one to the script.
+ACCELERATE_SETTINGS = {
+    "mixed_precision": "ACCELERATE_MIXED_PRECISION",
+    "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "dynamo_backend": "ACCELERATE_DYNAMO_BACKEND",
+}
 
-    Trackers log to `output_dir/logs`. The scripts step the LR scheduler once per optimizer step themselves, whatever
-    the number of processes, so accelerate is told not to. The config is saved to `output_dir/train_config.yaml`.
+
+def start_run(config, **accelerate_settings) -> Accelerator:
+    """Set up a training run from its config (`output_dir`, `mixed_precision`, `report_to`, `torch_threads`,
+    `adapt_torch_threads`, `seed`).
+
+    accelerate owns mixed precision, gradient accumulation, the dynamo backend and the FSDP/DeepSpeed plugins: each
+    comes from `accelerate config` and `accelerate launch`'s flags unless the training config sets it (not None), and
+    the log says where each came from. `accelerate_settings` are the script's other keys of `ACCELERATE_SETTINGS`
+    (`gradient_accumulation_steps`, `dynamo_backend`; None = accelerate's). Trackers log to `output_dir/logs`. The
+    scripts step the LR scheduler once per optimizer step themselves, whatever the number of processes, so accelerate
+    is told not to. The config is saved to `output_dir/train_config.yaml`.
     """
     output_dir = Path(config.output_dir)
     if config.report_to == "tensorboard":  # accelerate would drop the tracker silently and log nothing
         import_optional("tensorboard", extra="train", feature="report_to='tensorboard'")
+    settings = {"mixed_precision": config.mixed_precision} | accelerate_settings
+    # An explicit argument beats accelerate's config and launcher, so only what the training config sets is passed.
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        **{name: value for name, value in settings.items() if value is not None},
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         step_scheduler_with_optimizer=False,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    resolved = {
+        "mixed_precision": accelerator.mixed_precision,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "dynamo_backend": accelerator.state.dynamo_plugin.backend.value.lower(),
+    }
+    for name, value in settings.items():
+        logger.info(f"{name}={resolved[name]} (from {setting_source(name, value)})")
+    # FSDP and DeepSpeed plugins are accelerate's alone (`accelerate config`): our configs have no key for them.
+    logger.info(f"distributed_type={accelerator.distributed_type.value} (from accelerate launch / accelerate config)")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    elif config.adapt_torch_threads and accelerator.device.type == "cpu":
+        threads, reason = choose_torch_threads()
+        torch.set_num_threads(threads)
+        logger.info(f"torch threads: {threads} ({reason})")
     set_seed(config.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "train_config.yaml")
     return accelerator
+
+
+def setting_source(name: str, configured) -> str:
+    """Where the Accelerator setting `name` (a key of `ACCELERATE_SETTINGS`) came from: the training config
+    (`configured` is not None), `accelerate launch` (its flags, or the `accelerate config` file it reads, reach the
+    script as an `ACCELERATE_*` variable), or accelerate's default."""
+    if configured is not None:
+        return "the training config"
+    if os.environ.get(ACCELERATE_SETTINGS[name]) is not None:
+        return f"accelerate launch / accelerate config, {ACCELERATE_SETTINGS[name]}"
+    return "accelerate's default"
 
 
 class Preempted(Exception):

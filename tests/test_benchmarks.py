@@ -1,13 +1,14 @@
 """The benchmark tooling: the BENCHMARKS.md generator and the time-to-quality report, on tiny runs (no timing)."""
 
 import argparse
+import json
 
 import pytest
 import torch
 from conftest import TINY_LDM_CONFIG
 from PIL import Image
 
-from benchmarks import lora, report, time_to_quality
+from benchmarks import gpu, lora, report, time_to_quality
 from latentddpm.configs import config_path
 from latentddpm.training import train_ldm
 
@@ -109,3 +110,16 @@ def test_lora_benchmark_trains_rank_r_adapters_on_every_attention_projection():
     assert numbers["total"] == sum(p.numel() for p in unet.parameters()) + expected
     # the file holds those weights in float32, a header and the adapter's config
     assert 4 * expected < numbers["file_bytes"] < 4 * expected + 64 * 1024
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_measures_every_row_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    gpu.main(["--device", "cpu", "--dry-run", "--budget", "100000", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    rows = figures["training"] + figures["sampling"] + figures["ablation"]
+    assert [row["name"] for row in rows if row["error"]] == []
+    assert all(row["seconds"] > 0 for row in rows)
+    assert [row["name"] for row in figures["training"]] == ["ours 4x4", "diffusers 4x4", "ours 8x8", "diffusers 8x8"]
+    assert len(figures["sampling"]) == 8 and len(figures["ablation"]) == 6
+    assert all(flops > 0 for flops in figures["forward_flops_per_image"].values())

@@ -24,6 +24,7 @@ from latentddpm import LatentDDPMPipeline, hub, losses
 from latentddpm.checkpointing import CheckpointNotFoundError, read_training_state, resolve_checkpoint
 from latentddpm.config import ConfigError
 from latentddpm.hub import LAST_CHECKPOINT, STAGING, UPLOAD_ATTEMPTS, HubUploader
+from latentddpm.models import ConditionalUNet
 from latentddpm.runs import Preempted
 from latentddpm.training import train_ldm
 
@@ -114,11 +115,10 @@ def test_every_save_commits_each_checkpoints_pipeline_in_order_then_the_final_on
     for step, (_, snapshot, files) in zip((2, 4), recorder.commits):
         assert files == pipeline_files  # complete, and no training state with every_save
         # The committed U-Net is the EMA one the checkpoint of that step holds (what the final pipeline keeps).
-        committed = unet_weights(snapshot)
-        ema = load_file(
-            str(out / "checkpoints" / f"checkpoint-{step}" / "unet_ema" / "diffusion_pytorch_model.safetensors")
-        )
-        assert committed.keys() == ema.keys() and all(torch.equal(committed[k], ema[k]) for k in ema)
+        committed = ConditionalUNet.from_pretrained(str(snapshot / "unet"))
+        shards = load_file(str(out / "checkpoints" / f"checkpoint-{step}" / "ema_shard_0.safetensors"))  # one process
+        assert len(shards) == len(list(committed.parameters()))
+        assert all(torch.equal(p, shards[str(i)]) for i, p in enumerate(committed.parameters()))
         steps = "2 of 4" if step == 2 else "4"
         assert f"| Steps | {steps} |" in ModelCard.load(snapshot / "README.md").text  # the card of that step
     LatentDDPMPipeline.from_pretrained(str(recorder.commits[0][1]))  # each commit is a loadable pipeline

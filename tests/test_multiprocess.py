@@ -170,10 +170,11 @@ def test_two_process_run_training_the_text_encoder_accumulates_validates_and_sav
 def run_observed_training() -> None:
     """`python -m latentddpm.training.train_ldm`, with observers that write what this process saw as JSON."""
     from accelerate import PartialState
-    from diffusers.training_utils import EMAModel
+
+    from latentddpm.ema import ShardedEMAModel
 
     rows, weights = [], []
-    indices, ema_step = ShuffledStream.indices, EMAModel.step
+    indices, ema_step = ShuffledStream.indices, ShardedEMAModel.step
 
     def observed_indices(self, micro_step, process_index=0):
         out = indices(self, micro_step, process_index)
@@ -186,7 +187,7 @@ def run_observed_training() -> None:
         weights.append(_weights_digest(parameters))
         return ema_step(self, parameters)
 
-    ShuffledStream.indices, EMAModel.step = observed_indices, observed_ema_step
+    ShuffledStream.indices, ShardedEMAModel.step = observed_indices, observed_ema_step
     runpy.run_module("latentddpm.training.train_ldm", run_name="__main__", alter_sys=True)
     state = PartialState()
     record = {

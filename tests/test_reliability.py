@@ -105,7 +105,7 @@ def assert_same_unet(run: Path, expected_run: Path) -> None:
 
 
 def assert_same_checkpoint_weights(checkpoint: Path, expected: Path) -> None:
-    for name in ("model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"):
+    for name in ("model.safetensors", "ema_shard_0.safetensors"):
         assert filecmp.cmp(checkpoint / name, expected / name, shallow=False), f"{checkpoint / name} changed"
 
 
@@ -492,7 +492,7 @@ def test_latest_skips_damaged_checkpoints_and_resumes_from_the_newest_intact_one
         ("truncate", "model.safetensors", r"has \d+ bytes, the manifest recorded \d+"),
         ("flip_a_byte", "optimizer.bin", "has another sha256 than the manifest recorded"),
         ("flip_a_byte", "training_state.json", "has another sha256 than the manifest recorded"),
-        ("delete", "unet_ema/diffusion_pytorch_model.safetensors", "is missing"),
+        ("delete", "ema_shard_0.safetensors", "is missing"),
         ("truncate", "manifest.json", r"cannot be read \(JSONDecodeError"),
     ],
     ids=["truncated-weights", "changed-optimizer", "changed-state", "deleted-ema", "truncated-manifest"],

@@ -26,7 +26,6 @@ alone, `output_dir/pytorch_lora_weights.safetensors` (diffusers' LoRA format), a
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -41,7 +40,6 @@ from accelerate.logging import get_logger
 from datasets import Dataset
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from latentddpm.batching import PairedStream, ShuffledStream, seed_global_rng, step_generator
@@ -77,17 +75,15 @@ from latentddpm.dreambooth import (
     read_prompts,
     rows_fingerprint,
 )
+from latentddpm.ema import ShardedEMAModel
 from latentddpm.hub import STAGING, HubStrategy, HubUploader, hardware_description
 from latentddpm.latents import vae_scale_factor
 from latentddpm.lora import (
-    LORA_EMA_FILE,
     UNET_LORA_TARGETS,
     add_text_encoder_lora,
     add_unet_lora,
-    load_ema_state,
     load_lora,
     lora_config,
-    save_ema_state,
     save_lora,
     text_encoder_lora_targets,
 )
@@ -185,7 +181,9 @@ class TrainLDMConfig(DataConfig):
     masked_loss: bool = False
     # --- optimisation ---
     train_batch_size: int = positive(64)  # per process, per micro-batch
-    gradient_accumulation_steps: int = positive(1)  # micro-batches per optimizer step
+    # micro-batches per optimizer step; None = accelerate's (a DeepSpeed config's, `accelerate launch
+    # --gradient_accumulation_steps`, else 1)
+    gradient_accumulation_steps: int | None = positive(None)
     max_train_steps: int = positive(2000)  # optimizer steps
     learning_rate: float = positive(1e-3)  # peak learning rate
     scale_lr: bool = False  # multiply the LR by accumulation * batch * processes
@@ -203,15 +201,25 @@ class TrainLDMConfig(DataConfig):
     ema_decay: float = 0.999  # maximum EMA decay, in (0, 1)
     ema_warmup: bool = True  # EMA warmup (decay grows as 1 - (1 + step)^-2/3)
     ema_power: float = positive(0.6667)  # EMA warmup power
+    # Where the EMA lives: with the weights ("accelerator") or in CPU memory ("cpu": frees accelerator memory, costs a
+    # copy of the weights to the host at each update). Under FSDP and ZeRO-3 each process keeps its shards' EMA.
+    ema_device: Literal["accelerator", "cpu"] = "accelerator"
+    ema_update_every: int = positive(1)  # update the EMA every N optimizer steps (with the decay of N steps)
     # --- performance ---
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
+    # autocast precision; None = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`, else "no")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net
     enable_xformers: bool = False  # xformers attention (GPU; pip install latentddpm[xformers])
-    torch_compile: bool = False  # torch.compile the U-Net
+    # torch.compile the trained models (accelerate's dynamo backend "inductor", or "no"); None = accelerate's
+    # (`accelerate launch --dynamo_backend`, `accelerate config`, else no compilation)
+    torch_compile: bool | None = None
     dataloader_batch_size: int = positive(64)  # batch size for caching latents/text embeddings
     cache_dir: str = "outputs/cache"  # where latents and text embeddings are cached (keyed by content hash)
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
+    # With torch_threads None, on CPU: fewer threads than cores when other processes keep cores busy (measured at
+    # start, logged; latentddpm.threads). Off by default: results then depend on the machine's load, bit for bit.
+    adapt_torch_threads: bool = False
     # --- checkpoints, logging, validation ---
     output_dir: str = "outputs/shapes_ldm"  # the saved pipeline goes here, checkpoints in output_dir/checkpoints
     seed: int = 0  # seeds model init, data order and every random draw
@@ -304,6 +312,12 @@ class TrainLDMConfig(DataConfig):
         """Whether the text encoder (all of it, or its LoRA adapters) trains: it then encodes each step's captions."""
         return self.train_text_encoder or self.text_encoder_lora_rank > 0
 
+    def dynamo_backend(self) -> str | None:
+        """accelerate's dynamo backend for `torch_compile`: None leaves it to accelerate's config and launcher."""
+        if self.torch_compile is None:
+            return None
+        return "inductor" if self.torch_compile else "no"
+
 
 @dataclass
 class Models:
@@ -344,9 +358,9 @@ class Optimisation:
     text_encoder: torch.nn.Module | None  # prepared, when trained
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    ema: EMAModel | None
-    params: list[torch.nn.Parameter]  # what the optimizer updates (gradient clipping)
-    unet_params: list[torch.nn.Parameter]  # the U-Net's share of them (all its weights, or its adapters): EMA's
+    ema: ShardedEMAModel | None  # of the U-Net's weights as each process holds them (sharded under FSDP, ZeRO-3)
+    params: list[torch.nn.Parameter]  # what the optimizer updates, as prepared (gradient clipping)
+    unet_params: list[torch.nn.Parameter]  # the prepared U-Net's share of them (all its weights, or its adapters)
 
     @property
     def trained_models(self) -> list[torch.nn.Module]:
@@ -538,7 +552,7 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
             add_text_encoder_lora(models.text_encoder, adapter(config.text_encoder_lora_rank, target_modules=targets))
     lr_scale = 1.0
     if config.scale_lr:
-        lr_scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        lr_scale = accelerator.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
     unet_params = [p for p in models.unet.parameters() if p.requires_grad]
     logger.info(f"Trainable U-Net parameters: {sum(p.numel() for p in unet_params) / 1e6:.3f}M")
     param_groups = [{"params": unet_params, "lr": config.learning_rate * lr_scale}]
@@ -570,21 +584,22 @@ def prepare_optimisation(config: TrainLDMConfig, accelerator, models: Models) ->
         )
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    if config.torch_compile:
-        unet = torch.compile(unet)
     ema = None
     if config.use_ema:
-        ema = EMAModel(
-            unet_params,
+        # Of the prepared U-Net's trained parameters (all, or the LoRA adapters): under FSDP and ZeRO-3, this
+        # process's shards.
+        ema = ShardedEMAModel(
+            [p for p in unet.parameters() if p.requires_grad],
+            update_every=config.ema_update_every,
             decay=config.ema_decay,
             use_ema_warmup=config.ema_warmup,
             power=config.ema_power,
-            # A LoRA run's EMA covers the adapters only: `save_ema_state` writes it, not `save_pretrained`.
-            model_cls=None if config.lora_rank else ConditionalUNet,
-            model_config=models.unet.config,
         )
-        ema.to(accelerator.device)
-    params = [p for group in param_groups for p in group["params"]]
+        ema.to(accelerator.device if config.ema_device == "accelerator" else "cpu")
+        ema.register_for_checkpointing(accelerator)  # a shard file per process in every checkpoint
+    # The optimizer's parameters after `prepare`: FSDP replaces them with its sharded ones.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
     return Optimisation(unet, text_encoder, optimizer, lr_scheduler, ema, params, unet_params)
 
 
@@ -601,15 +616,6 @@ def text_conditioning(
             prompts, models.tokenizer, text_encoder, device, use_attention_mask=models.use_attention_mask
         )
     return hidden.to(device), mask.to(device) if models.use_attention_mask else None
-
-
-def no_sync(accelerator, models: list[torch.nn.Module], skip: bool) -> contextlib.ExitStack:
-    """Hold back the gradient all-reduce of `models` (on every micro-batch but the last) when `skip`."""
-    stack = contextlib.ExitStack()
-    if skip:
-        for model in models:
-            stack.enter_context(accelerator.no_sync(model))
-    return stack
 
 
 def validate(config, accelerator, models, optimisation, data, state: RunState, ema, evaluation: bool) -> dict:
@@ -647,18 +653,18 @@ def validate(config, accelerator, models, optimisation, data, state: RunState, e
 def main(argv: list[str] | None = None) -> Path:
     config = parse_config(TrainLDMConfig, argv)
     checkpoint = find_checkpoint(config)  # before anything loads: a wrong path fails in seconds
-    accelerator = start_run(config)
+    accelerator = start_run(
+        config,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        dynamo_backend=config.dynamo_backend(),
+    )
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     models = load_models(config)
     data = load_data(config, accelerator, models)
     opt = prepare_optimisation(config, accelerator, models)
 
-    def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states
-        if opt.ema is not None and config.lora_rank:
-            save_ema_state(opt.ema, folder / LORA_EMA_FILE)
-        elif opt.ema is not None:
-            opt.ema.save_pretrained(str(folder / "unet_ema"))
+    def write_extra(folder: Path) -> None:  # what a checkpoint holds besides accelerate's states and the EMA shards
         save_config(config, folder / "train_config.yaml")
         write_manifest(data.manifest, folder)
 
@@ -679,19 +685,12 @@ def main(argv: list[str] | None = None) -> Path:
             config.hub_model_id, config.hub_strategy, write_hub_folder, staging, private=config.hub_private_repo
         )
     run = TrainingRun(accelerator, config, write_extra, uploader)
-    run.resume(checkpoint)
-    if checkpoint is not None and opt.ema is not None:
-        if config.lora_rank:
-            load_ema_state(opt.ema, checkpoint / LORA_EMA_FILE)
-        else:
-            ema_state = EMAModel.from_pretrained(str(checkpoint / "unet_ema"), model_cls=ConditionalUNet).state_dict()
-            opt.ema.load_state_dict(ema_state)
-        opt.ema.to(accelerator.device)
+    run.resume(checkpoint)  # the EMA shards too (`ShardedEMAModel.register_for_checkpointing`)
     if accelerator.is_main_process:
         accelerator.init_trackers("latentddpm", config=tracker_config(config))
 
     # The loop. One optimizer step = gradient_accumulation_steps micro-batches per process.
-    state, accum, device = run.state, config.gradient_accumulation_steps, accelerator.device
+    state, accum, device = run.state, accelerator.gradient_accumulation_steps, accelerator.device
     objective = config.objective()
     encoder = opt.text_encoder  # the text encoder being trained, or None: cached embeddings
     progress = tqdm(
@@ -712,7 +711,9 @@ def main(argv: list[str] | None = None) -> Path:
                 seed_global_rng(config.seed, micro_step, accelerator.process_index)
                 rows = data.stream.indices(micro_step, accelerator.process_index)
                 latents, caption_ids, loss_mask = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
-                with no_sync(accelerator, opt.trained_models, skip=micro < accum - 1), accelerator.autocast():
+                # accelerate holds back the gradient sync until the last micro-batch (DDP's no_sync; FSDP and
+                # DeepSpeed their own) and scales the loss by 1 / accum in `backward`.
+                with accelerator.accumulate(*opt.trained_models), accelerator.autocast():
                     hidden, mask = text_conditioning(caption_ids, data.cache, models, encoder, device)
                     latents = latents.to(device)
                     sample_losses, _ = training_losses(
@@ -724,7 +725,7 @@ def main(argv: list[str] | None = None) -> Path:
                         micro_loss = prior_preservation_loss(
                             sample_losses, data.num_instance_rows, config.prior_loss_weight
                         )
-                    accelerator.backward(micro_loss / accum)
+                    accelerator.backward(micro_loss)
                 loss += micro_loss.detach() / accum
 
             # Non-finite gradients (the same on every process after the all-reduce): skip the update, count it.
@@ -783,11 +784,11 @@ def training_recipe(
         steps=state.global_step,
         max_train_steps=config.max_train_steps,
         train_batch_size=config.train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
         num_processes=accelerator.num_processes,
         learning_rate=opt.optimizer.param_groups[0]["initial_lr"],  # the U-Net's peak, scaled when `scale_lr`
         lr_scheduler=config.lr_scheduler,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=accelerator.mixed_precision,
         hardware=hardware,
         train_minutes=state.train_seconds / 60,
         base_model=config.pretrained_pipeline,
@@ -841,8 +842,20 @@ def save(
     card, the final validation (and evaluation); with `push_to_hub`, committed after the pending checkpoint commits."""
     output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
-    if opt.ema is not None:
-        opt.ema.copy_to(opt.unet_params)
+    if config.lora_rank:
+        # The EMA goes into the adapters for good (they are saved, the base is not; LoRA is not sharded here).
+        if opt.ema is not None:
+            opt.ema.copy_to(opt.unet_params)
+    else:
+        with ema_weights(opt.unet, opt.ema):  # on every process: gathering FSDP's and ZeRO-3's shards is collective
+            unet_state = accelerator.get_state_dict(opt.unet)
+            if accelerator.is_main_process:
+                # A fresh U-Net with the gathered weights (under FSDP and ZeRO-3 `models.unet` holds this process's
+                # shards), copied before the trained weights are restored: unsharded, the state dict shares their
+                # storage.
+                unet = type(models.unet).from_config(models.unet.config)
+                unet.load_state_dict(unet_state)
+                models.unet = unet.to(accelerator.device)
     metrics = validate(config, accelerator, models, opt, data, run.state, None, config.evaluation_config is not None)
     if accelerator.is_main_process:
         save_trained(output_dir, config, models)

@@ -72,8 +72,12 @@ class TrainVAEConfig(DataConfig):
     adam_weight_decay: float = non_negative(0.0)
     max_grad_norm: float | None = positive(1.0)  # gradient clipping (None = off)
     max_consecutive_nonfinite: int = positive(5)  # stop after this many skipped steps in a row with NaN/inf gradients
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision
+    # autocast precision; None = accelerate's (`accelerate launch --mixed_precision`, `accelerate config`, else "no")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
+    # With torch_threads None, on CPU: fewer threads than cores when other processes keep cores busy (measured at
+    # start, logged; latentddpm.threads). Off by default: results then depend on the machine's load, bit for bit.
+    adapt_torch_threads: bool = False
     # --- latent scaling, evaluation, output ---
     scale_samples: int = positive(2048)  # images encoded to measure the latent mean/std for scaling_factor
     compute_shift_factor: bool = True  # also centre the latents (shift_factor = latent mean)
