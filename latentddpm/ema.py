@@ -95,7 +95,9 @@ class ShardedEMAModel(EMAModel):
         counters = {k: v for k, v in self.state_dict().items() if k != "shadow_params"}
         path = Path(folder) / SHARD_FILE.format(process_index)
         tensors = {str(i): shadow.detach().cpu().contiguous() for i, shadow in enumerate(self.shadow_params)}
-        save_file(tensors, str(path), metadata={"counters": json.dumps(counters), "num_processes": str(num_processes)})
+        # One metadata key: safetensors writes several in no fixed order; a checkpoint's bytes must be reproducible.
+        metadata = {"ema": json.dumps({"counters": counters, "num_processes": num_processes}, sort_keys=True)}
+        save_file(tensors, str(path), metadata=metadata)
         return path
 
     def load_shard(self, folder: str | Path, process_index: int, num_processes: int) -> None:
@@ -109,8 +111,8 @@ class ShardedEMAModel(EMAModel):
         if not path.is_file():
             raise ConfigError(f"{path} is missing: the checkpoint holds no EMA shard for process {process_index}.")
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-        if int(metadata["num_processes"]) != num_processes:
+            metadata = json.loads(f.metadata()["ema"])
+        if metadata["num_processes"] != num_processes:
             raise ConfigError(
                 f"{path} was saved by {metadata['num_processes']} processes, this run has {num_processes}: resume a "
                 "sharded EMA with the same number of processes."
@@ -119,7 +121,7 @@ class ShardedEMAModel(EMAModel):
         shadows = [tensors[str(i)] for i in range(len(tensors))]
         if [s.shape for s in shadows] != [s.shape for s in self.shadow_params]:
             raise ConfigError(f"{path} holds the EMA of another model (its tensors have other shapes).")
-        self.load_state_dict(json.loads(metadata["counters"]))
+        self.load_state_dict(metadata["counters"])
         self.shadow_params = [s.to(mine.device, mine.dtype) for s, mine in zip(shadows, self.shadow_params)]
 
     def register_for_checkpointing(self, accelerator: Accelerator) -> None:
