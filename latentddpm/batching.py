@@ -84,3 +84,41 @@ class PairedStream:
         """Row indices, shape `(first.per_process + second.per_process,)`, of micro-batch `micro_step`."""
         second = self.second.indices(micro_step, process_index) + self.offset
         return torch.cat([self.first.indices(micro_step, process_index), second])
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item `m`: micro-batch `m` of one process, drawn from a latent cache (`LatentCache.draw`), as a dict of `rows`,
+    `latents` (raw: before `scale_latents`), `caption_ids`, `loss_mask` (or None) and `generator_state`, the state of
+    the micro-batch's `step_generator` after the draws, from which the training step draws on (noise, timesteps).
+
+    A pure function of `m`, so a `DataLoader` with workers can read ahead (the shards are memory-mapped in each worker)
+    while the step runs, and the step sees exactly the draws it would have made itself.
+    """
+
+    def __init__(self, cache, stream, seed: int, process_index: int = 0, caption_dropout: float = 0.0):
+        self.cache, self.stream, self.seed, self.process_index = cache, stream, seed, process_index
+        self.caption_dropout = caption_dropout
+
+    def __getitem__(self, micro_step: int) -> dict:
+        rows = self.stream.indices(micro_step, self.process_index)
+        generator = step_generator(self.seed, micro_step, self.process_index)
+        latents, caption_ids, loss_mask = self.cache.draw(rows, generator, self.caption_dropout)
+        return {
+            "rows": rows,
+            "latents": latents,
+            "caption_ids": caption_ids,
+            "loss_mask": loss_mask,
+            "generator_state": generator.get_state(),
+        }
+
+    def loader(self, start: int, stop: int, num_workers: int = 0, pin_memory: bool = False):
+        """A `DataLoader` of micro-batches `start, ..., stop - 1` in order, `num_workers` reading ahead."""
+        return torch.utils.data.DataLoader(
+            self,
+            batch_size=None,
+            sampler=range(start, stop),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+            prefetch_factor=2 if num_workers else None,
+        )

@@ -1,94 +1,227 @@
-"""Precomputed latents and text embeddings, so training never runs the VAE or the text encoder.
+"""Precomputed latents and text embeddings in memory-mapped shards, so training never runs the VAE or the text encoder
+and a process's memory does not grow with the dataset.
 
-The cache lives in `cache_dir/<key>/`, where the key hashes everything the cached tensors depend on: the
-dataset fingerprint, the VAE and text encoder weights and configs, the tokenizer length and the image
-transform. A second run with the same inputs loads it instead of encoding again; any change makes a new key.
+The cache lives in `cache_dir/<key>/`, where the key hashes everything the cached tensors depend on: the dataset
+fingerprint, the VAE and text encoder weights and configs, the tokenizer length, the image transform and how the
+tensors are stored. A second run with the same inputs opens it instead of encoding again; any change makes a new key.
 
-What is stored (safetensors):
-- `latent_mean`, `latent_std` of shape `(N, F, C, h, w)`: the VAE posterior before scaling, for `F` views of
-  each image (1, or 2 when random flips are on: the image and its mirror). Training samples
-  `mean + std * eps` each step, as LDM does, then applies `scale_latents`. `std` is zero for AutoencoderTiny.
-- `text_hidden` `(U + 1, S, D)` and `text_mask` `(U + 1, S)`: one row per unique caption, the last row the
-  empty prompt used for caption dropout (the same unconditional embedding the pipeline uses for CFG).
-- `caption_ids` `(N, K)`: indices into the caption rows for each image's K captions, -1 where an image has fewer.
-- `loss_mask` `(N, F, 1, h, w)`, only when built with `loss_mask=True`: each view's alpha channel (ones for an
+Every process of an `accelerate launch` builds its share of the shards (shard `s` by process `s mod P`), each shard a
+safetensors file written atomically, so a killed build resumes at the shards it is missing and ends identical to an
+uninterrupted one (a shard's random crops are drawn from a generator seeded by the shard). `index.json`, written last
+by the main process, marks the cache complete.
+
+Latent shards `latents-00000.safetensors` hold source rows `[s * shard_size, (s + 1) * shard_size)`, less the images
+that cannot be decoded (skipped and counted, as `prepare_image_dataset` does), in groups of one latent size (one
+group without aspect-ratio buckets; with them, one per bucket, in bucket order). Per group `g`:
+- `latent_mean.g`, `latent_std.g` `(n, F, C, h, w)`: the VAE posterior before scaling, for `F` views of each image
+  (1, or 2 when random flips are on: the image and its mirror), in `dtype` (float16 by default). Training samples
+  `mean + std * eps` each step, as LDM does. `std` is zero for AutoencoderTiny.
+- `caption_ids.g` `(n, K)`: indices into the caption rows for each image's K captions, -1 where an image has fewer.
+- `loss_mask.g` `(n, F, 1, h, w)`, only when built with `loss_mask=True`: each view's alpha channel (ones for an
   opaque image) averaged down to the latent grid, the weights of `masked_loss` training.
-- `captions.json`: the unique captions themselves, in the order of the caption rows (the empty prompt not included),
-  for training the text encoder, which encodes the drawn captions anew each step.
+The cache's rows are the groups' rows, shard after shard, group after group.
+
+Text shards `text-00000.safetensors` (only with `cache_text`) hold `text_hidden` `(n, S, D)` and `text_mask` `(n, S)`
+for caption rows: one row per unique caption, the last row the empty prompt used for caption dropout (the same
+unconditional embedding the pipeline uses for CFG). `captions.json` lists the unique captions in row order (the empty
+prompt not included); without `cache_text` the training loop encodes each batch's captions from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from datasets import Image as ImageFeature
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .data.images import decode_rgb
 from .latents import encode_posterior, scale_latents
 from .text import encode_prompt
 
-CACHE_VERSION = 2  # 2: captions.json
+CACHE_VERSION = 3  # 3: shards, memory-mapped
+INDEX = "index.json"
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # numpy has no bfloat16: read as 16-bit integers, viewed as bfloat16 by torch
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def open_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file as memory-mapped CPU tensors (no copy: indexing reads the rows it takes, and
+    the pages read are file-backed, not the process's anonymous memory), and the file's metadata."""
+    with open(path, "rb") as file:
+        (header_size,) = np.frombuffer(file.read(8), dtype="<u8")
+        header = json.loads(file.read(int(header_size)))
+    metadata = header.pop("__metadata__", {})
+    # Copy-on-write ("c"): torch wants writable arrays; nothing writes to them, so no page is ever copied.
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + int(header_size))
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        array = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensor = torch.from_numpy(array)
+        tensors[name] = tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+    return tensors, metadata
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """Atomically: a shard file that exists is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"shard": json.dumps(metadata)})
+    os.replace(tmp, path)
 
 
 @dataclass
+class _Group:
+    """Rows `[start, start + rows)` of the cache: one latent size, stored in one shard."""
+
+    start: int
+    rows: int
+    tensors: dict[str, torch.Tensor]  # latent_mean, latent_std, caption_ids (and loss_mask)
+
+
 class LatentCache:
-    latent_mean: torch.Tensor
-    latent_std: torch.Tensor
-    caption_ids: torch.Tensor
-    text_hidden: torch.Tensor
-    text_mask: torch.Tensor
-    captions: list[str]  # the unique captions, row i of `text_hidden` for i < empty_prompt_id
-    loss_mask: torch.Tensor | None = None  # (N, F, 1, h, w) alpha on the latent grid, when built with masks
+    """A built cache, opened memory-mapped: reading a batch reads only its rows.
+
+    Args:
+        folder (`str` or `Path`): the cache folder (`cache_dir/<key>`), complete (see [`cache_is_complete`]).
+    """
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.index = json.loads((folder / INDEX).read_text())
+        self.captions: list[str] = json.loads((folder / "captions.json").read_text())
+        self.groups: list[_Group] = []
+        start = 0
+        for name in self.index["latent_shards"]:
+            tensors, metadata = open_safetensors(folder / name)
+            for group in json.loads(metadata["shard"])["groups"]:
+                names = {key: f"{key}.{group['name']}" for key in _KEYS}
+                group_tensors = {key: tensors[name] for key, name in names.items() if name in tensors}
+                self.groups.append(_Group(start, group["rows"], group_tensors))
+                start += group["rows"]
+        self._starts = torch.tensor([group.start for group in self.groups])
+        self.has_loss_mask = "loss_mask" in self.groups[0].tensors if self.groups else False
+        self._text = [open_safetensors(folder / name)[0] for name in self.index["text_shards"]]
+        self._text_starts = torch.tensor([0, *np.cumsum([len(t["text_mask"]) for t in self._text])[:-1].tolist()])
 
     def __len__(self) -> int:
-        return self.latent_mean.shape[0]
+        return self.index["num_rows"]
 
     @property
     def empty_prompt_id(self) -> int:
-        return self.text_hidden.shape[0] - 1
+        return len(self.captions)
+
+    @property
+    def has_text(self) -> bool:
+        """Whether text embeddings are cached (else the training loop encodes each batch's captions)."""
+        return bool(self._text)
 
     def prompt(self, caption_id: int) -> str:
         """The caption of a caption row; `""` for `empty_prompt_id`."""
         return "" if caption_id == self.empty_prompt_id else self.captions[caption_id]
 
+    def latent_size(self, row: int) -> tuple[int, int]:
+        """`(h, w)` of a row's latents."""
+        return tuple(self.groups[self._group_of(torch.tensor([row])).item()].tensors["latent_mean"].shape[-2:])
+
+    def rows_by_size(self) -> dict[tuple[int, int], torch.Tensor]:
+        """The rows of each latent size (aspect-ratio bucket), in row order."""
+        sizes: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for group in self.groups:
+            size = tuple(group.tensors["latent_mean"].shape[-2:])
+            sizes.setdefault(size, []).append(torch.arange(group.start, group.start + group.rows))
+        return {size: torch.cat(rows) for size, rows in sizes.items()}
+
+    def _group_of(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.numel() and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"Cache rows must be in [0, {len(self)}), got {rows.min().item()}..{rows.max().item()}.")
+        return torch.searchsorted(self._starts, rows, right=True) - 1
+
+    def gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """Tensor `key` (latent_mean, latent_std, caption_ids, loss_mask) of `rows`, read from the shards; every row
+        must have the same latent size."""
+        groups = self._group_of(rows)
+        parts = {g: self.groups[g] for g in groups.unique().tolist()}
+        shapes = {tuple(group.tensors[key].shape[1:]) for group in parts.values()}
+        if len(shapes) > 1:
+            raise ValueError(f"Rows of different latent sizes {sorted(shapes)} cannot share a batch.")
+        out = None
+        for g, group in parts.items():
+            here = groups == g
+            values = group.tensors[key][rows[here] - group.start]
+            if out is None:
+                out = values.new_empty((rows.shape[0], *values.shape[1:]))
+            out[here] = values
+        return out
+
     def draw(
         self,
         indices: torch.Tensor,
-        vae,
         generator: torch.Generator,
         caption_dropout: float = 0.0,
         sample_posterior: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Latents and caption rows for dataset rows `indices` (CPU tensors; move them yourself).
+        """Raw latents and caption rows for cache rows `indices` (CPU tensors; move them yourself).
 
         Draws, with `generator`: the view (mirror or not), one caption per image, caption dropout to the empty
         prompt, and the posterior sample. Returns `(latents (B, C, h, w), caption_ids (B,), loss_mask)`, the latents
-        already scaled with `scale_latents(vae, ...)`, `caption_ids` indexing `text_hidden` (see `text` and
-        `prompt`), `loss_mask` `(B, 1, h, w)` the drawn views' masks (None when the cache has none).
+        before `scale_latents`, `caption_ids` indexing the caption rows (see `text` and `prompt`), `loss_mask`
+        `(B, 1, h, w)` the drawn views' masks (None when the cache has none).
         """
         b = indices.shape[0]
-        views = torch.randint(0, self.latent_mean.shape[1], (b,), generator=generator)
-        mean = self.latent_mean[indices, views].float()
-        std = self.latent_std[indices, views].float()
+        views = torch.randint(0, self.index["views"], (b,), generator=generator)
+        mean = self.gather("latent_mean", indices)[torch.arange(b), views].float()
+        std = self.gather("latent_std", indices)[torch.arange(b), views].float()
         latents = mean + std * torch.randn(mean.shape, generator=generator) if sample_posterior else mean
 
-        ids = self.caption_ids[indices]  # (B, K), -1 padded
+        ids = self.gather("caption_ids", indices)  # (B, K), -1 padded
         counts = (ids >= 0).sum(dim=1)
         pick = (torch.rand(b, generator=generator) * counts).long()
         caption = ids[torch.arange(b), pick]
         drop = torch.rand(b, generator=generator) < caption_dropout
         caption = torch.where(drop, torch.full_like(caption, self.empty_prompt_id), caption)
-        loss_mask = None if self.loss_mask is None else self.loss_mask[indices, views]
-        return scale_latents(vae, latents), caption, loss_mask
+        loss_mask = self.gather("loss_mask", indices)[torch.arange(b), views].float() if self.has_loss_mask else None
+        return latents, caption, loss_mask
 
     def text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached `(hidden (B, S, D), mask (B, S))` of caption rows `caption_ids` (B,)."""
-        return self.text_hidden[caption_ids].float(), self.text_mask[caption_ids]
+        """The cached `(hidden (B, S, D), mask (B, S))` of caption rows `caption_ids` (B,), hidden in float32."""
+        if not self.has_text:
+            raise ValueError("This cache holds no text embeddings (built with cache_text=False): encode the captions.")
+        shard = torch.searchsorted(self._text_starts, caption_ids, right=True) - 1
+        first = self._text[0]
+        hidden = torch.empty((len(caption_ids), *first["text_hidden"].shape[1:]), dtype=torch.float32)
+        mask = first["text_mask"].new_empty((len(caption_ids), *first["text_mask"].shape[1:]))
+        for s in shard.unique().tolist():
+            here = shard == s
+            local = caption_ids[here] - self._text_starts[s]
+            hidden[here] = self._text[s]["text_hidden"][local].float()
+            mask[here] = self._text[s]["text_mask"][local]
+        return hidden, mask
+
+
+_KEYS = ("latent_mean", "latent_std", "caption_ids", "loss_mask")
+
+
+def cache_is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / INDEX).is_file()
 
 
 def tensor_fingerprint(module: torch.nn.Module) -> str:
@@ -118,9 +251,34 @@ def _caption_lists(captions: list) -> list[list[str]]:
     return [c if isinstance(c, (list, tuple)) else [c] for c in captions]
 
 
+@dataclass
+class CacheLayout:
+    """How a cache is cut and stored; the same for every process of a build."""
+
+    num_source_rows: int
+    num_captions: int  # unique captions, the empty prompt not included
+    shard_size: int = 4096  # source rows (images) per latent shard, and caption rows per text shard
+    dtype: torch.dtype = torch.float16  # of the latents' moments and the text embeddings
+    cache_text: bool = True
+
+    @property
+    def num_latent_shards(self) -> int:
+        return math.ceil(self.num_source_rows / self.shard_size)
+
+    @property
+    def num_text_shards(self) -> int:
+        return math.ceil((self.num_captions + 1) / self.shard_size) if self.cache_text else 0
+
+    def shards_of(self, process_index: int, num_processes: int) -> list[int]:
+        """The shards (latent shards, then text shards numbered after them) one process builds."""
+        total = self.num_latent_shards + self.num_text_shards
+        return list(range(process_index, total, num_processes))
+
+
 @torch.no_grad()
 def build_latent_cache(
     dataset,
+    folder: str | Path,
     *,
     image_column: str,
     caption_column: str,
@@ -129,89 +287,182 @@ def build_latent_cache(
     tokenizer,
     text_encoder,
     random_flip: bool,
+    shard_size: int = 4096,
+    dtype: torch.dtype = torch.float16,
+    cache_text: bool = True,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    show_progress: bool = True,
     seed: int = 0,
     use_attention_mask: bool = True,
     loss_mask: bool = False,
-) -> LatentCache:
-    """Encode every image (and its mirror when `random_flip`) and every unique caption once.
+    min_image_size: int = 8,
+    process_index: int = 0,
+    num_processes: int = 1,
+    show_progress: bool = True,
+) -> None:
+    """Encode this process's shards of the cache of `dataset` into `folder` (those missing: a killed build resumes);
+    once every process has, [`finish_latent_cache`] on one of them makes the cache complete.
 
-    `seed` fixes the random crops (when the transform crops at random), so the same inputs give the same cache.
+    `transform` is an `ImageTransform` without flips (the mirror is the second view when `random_flip`); `seed` and the
+    shard number fix its random crops, so the same inputs give the same cache whatever the number of processes.
     `use_attention_mask` is passed to `encode_prompt` (how the model being trained reads the text). `loss_mask` also
-    keeps each image's alpha channel (`transform.with_alpha`), averaged over each latent pixel's patch.
+    keeps each image's alpha channel (`transform.with_alpha`), averaged over each latent pixel's patch. Images that do
+    not decode, or have a side below `min_image_size`, are skipped and counted in the shard's metadata.
     """
-    views = 2 if random_flip else 1
-    generator = torch.Generator().manual_seed(seed)
-    means, stds, masks = [], [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="Caching latents", disable=not show_progress):
-        rows = dataset[start : start + batch_size]
-        if loss_mask:
-            pixels, alpha = map(torch.stack, zip(*(transform.with_alpha(i, generator) for i in rows[image_column])))
-        else:
-            pixels = torch.stack([transform(image, generator=generator) for image in rows[image_column]])
-        pixels = pixels.to(device, vae.dtype)
-        batch_views = [pixels, pixels.flip(-1)][:views]
-        mean_views, std_views = [], []
-        for view in batch_views:
-            # The posterior, sampled per step (std is zero for the deterministic AutoencoderTiny).
-            mean, std = encode_posterior(vae, view)
-            mean_views.append(mean.float().cpu())
-            std_views.append(std.float().cpu())
-        means.append(torch.stack(mean_views, dim=1))
-        stds.append(torch.stack(std_views, dim=1))
-        if loss_mask:
-            # Area averaging: a latent pixel's weight is the opacity of the image patch it encodes.
-            alpha = F.interpolate(alpha, size=means[-1].shape[-2:], mode="area")
-            masks.append(torch.stack([alpha, alpha.flip(-1)][:views], dim=1))
-
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(dataset.features.get(image_column), ImageFeature):
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # reading a row never decodes
     captions = _caption_lists(dataset[caption_column])
     unique = sorted({c for caps in captions for c in caps})
+    layout = CacheLayout(len(dataset), len(unique), shard_size, dtype, cache_text)
+    views = 2 if random_flip else 1
+    if process_index == 0:
+        (folder / "captions.json").write_text(json.dumps(unique))
+        (folder / "layout.json").write_text(json.dumps(_layout_json(layout, views)))
+
+    mine = [s for s in layout.shards_of(process_index, num_processes) if not _shard_path(folder, layout, s).is_file()]
+    latent_shards = [s for s in mine if s < layout.num_latent_shards]
+    text_shards = [s - layout.num_latent_shards for s in mine if s >= layout.num_latent_shards]
+    images = sum(min(shard_size, len(dataset) - s * shard_size) for s in latent_shards)
+    progress = tqdm(
+        total=images,
+        desc=f"Caching latents (process {process_index + 1}/{num_processes})",
+        unit="img",
+        disable=not show_progress,
+    )
     index = {c: i for i, c in enumerate(unique)}
     width = max(len(caps) for caps in captions)
-    caption_ids = torch.full((len(captions), width), -1, dtype=torch.long)
-    for row, caps in enumerate(captions):
-        caption_ids[row, : len(caps)] = torch.tensor([index[c] for c in caps])
+    for shard in latent_shards:
+        start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+        encoder = _ShardEncoder(vae, views, batch_size, device, loss_mask)
+        skipped = {"corrupt": 0, "too small": 0}
+        for offset, image in enumerate(dataset[start:stop][image_column]):
+            rgb, reason = decode_rgb(image, min_size=min_image_size)
+            if reason is not None:
+                skipped[reason] += 1
+            elif loss_mask:
+                encoder.add(start + offset, *transform.with_alpha(image, generator))
+            else:
+                encoder.add(start + offset, transform(rgb, generator=generator))
+            progress.update(1)
+        tensors, groups = {}, []
+        for name, (rows, mean, std, alpha) in encoder.finish().items():
+            ids = torch.full((len(rows), width), -1, dtype=torch.long)
+            for row, source_row in enumerate(rows):
+                ids[row, : len(captions[source_row])] = torch.tensor([index[c] for c in captions[source_row]])
+            tensors |= {f"latent_mean.{name}": mean.to(dtype), f"latent_std.{name}": std.to(dtype)}
+            tensors[f"caption_ids.{name}"] = ids
+            if alpha is not None:
+                tensors[f"loss_mask.{name}"] = alpha
+            groups.append({"name": name, "rows": len(rows)})
+        _write_shard(tensors, _shard_path(folder, layout, shard), {"groups": groups, "skipped": skipped})
+    progress.close()
 
-    hidden, mask = [], []
     prompts = unique + [""]  # the empty prompt last: caption dropout and CFG's unconditional branch
-    for start in range(0, len(prompts), batch_size):
-        h, m = encode_prompt(
-            prompts[start : start + batch_size], tokenizer, text_encoder, device, use_attention_mask=use_attention_mask
-        )
-        hidden.append(h.float().cpu())
-        mask.append(m.cpu())
-    return LatentCache(
-        latent_mean=torch.cat(means),
-        latent_std=torch.cat(stds),
-        caption_ids=caption_ids,
-        text_hidden=torch.cat(hidden),
-        text_mask=torch.cat(mask),
-        captions=unique,
-        loss_mask=torch.cat(masks) if loss_mask else None,
-    )
+    for shard in text_shards:
+        hidden, mask = [], []
+        for start in range(shard * shard_size, min((shard + 1) * shard_size, len(prompts)), batch_size):
+            stop = min(start + batch_size, (shard + 1) * shard_size, len(prompts))
+            h, m = encode_prompt(
+                prompts[start:stop], tokenizer, text_encoder, device, use_attention_mask=use_attention_mask
+            )
+            hidden.append(h.to(dtype).cpu())
+            mask.append(m.cpu())
+        path = _shard_path(folder, layout, layout.num_latent_shards + shard)
+        _write_shard({"text_hidden": torch.cat(hidden), "text_mask": torch.cat(mask)}, path, {})
 
 
-def save_latent_cache(cache: LatentCache, folder: str | Path) -> None:
-    """Write atomically: a partial cache is never loaded."""
+class _ShardEncoder:
+    """Encodes a shard's images a batch at a time, a batch per image size (aspect-ratio bucket), so that memory holds
+    at most a batch of pixels per size; `finish` returns, per size, the source rows and their posterior moments."""
+
+    def __init__(self, vae, views: int, batch_size: int, device, loss_mask: bool):
+        self.vae, self.views, self.batch_size, self.device, self.loss_mask = vae, views, batch_size, device, loss_mask
+        self.pending: dict[tuple[int, int], list] = {}  # image size -> [(source row, pixels, alpha)]
+        self.done: dict[tuple[int, int], list] = {}  # image size -> [(rows, mean, std, alpha)] per encoded batch
+
+    def add(self, row: int, pixels: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
+        size = tuple(pixels.shape[-2:])
+        self.pending.setdefault(size, []).append((row, pixels, alpha))
+        if len(self.pending[size]) == self.batch_size:
+            self._encode(size)
+
+    def _encode(self, size: tuple[int, int]) -> None:
+        rows, pixels, alphas = zip(*self.pending.pop(size))
+        batch = torch.stack(pixels).to(self.device, self.vae.dtype)
+        moments = [encode_posterior(self.vae, view) for view in [batch, batch.flip(-1)][: self.views]]
+        mean = torch.stack([m.float().cpu() for m, _ in moments], dim=1)  # (B, views, C, h, w)
+        std = torch.stack([s.float().cpu() for _, s in moments], dim=1)
+        alpha = None
+        if self.loss_mask:
+            # Area averaging: a latent pixel's weight is the opacity of the image patch it encodes.
+            alpha = F.interpolate(torch.stack(alphas), size=mean.shape[-2:], mode="area")
+            alpha = torch.stack([alpha, alpha.flip(-1)][: self.views], dim=1)
+        self.done.setdefault(size, []).append((list(rows), mean, std, alpha))
+
+    def finish(self) -> dict[str, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per latent size `"hxw"`, in the order of image sizes: `(source rows, mean, std, loss mask or None)`."""
+        for size in list(self.pending):
+            self._encode(size)
+        out = {}
+        for size in sorted(self.done):
+            rows, means, stds, alphas = zip(*self.done[size])
+            mean = torch.cat(means)
+            name = f"{mean.shape[-2]}x{mean.shape[-1]}"
+            out[name] = (sum(rows, []), mean, torch.cat(stds), torch.cat(alphas) if self.loss_mask else None)
+        return out
+
+
+def _shard_path(folder: Path, layout: CacheLayout, shard: int) -> Path:
+    if shard < layout.num_latent_shards:
+        return folder / f"latents-{shard:05d}.safetensors"
+    return folder / f"text-{shard - layout.num_latent_shards:05d}.safetensors"
+
+
+def _layout_json(layout: CacheLayout, views: int) -> dict:
+    return {
+        "version": CACHE_VERSION,
+        "num_source_rows": layout.num_source_rows,
+        "num_captions": layout.num_captions,
+        "shard_size": layout.shard_size,
+        "dtype": str(layout.dtype).removeprefix("torch."),
+        "cache_text": layout.cache_text,
+        "views": views,
+    }
+
+
+def finish_latent_cache(folder: str | Path) -> dict:
+    """Once every process's [`build_latent_cache`] has returned: write `index.json`, which makes the cache complete,
+    and return it (with the images skipped, by reason)."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
-    save_file(tensors, str(tmp / "cache.safetensors"))
-    (tmp / "captions.json").write_text(json.dumps(cache.captions))
-    tmp.replace(folder)
+    layout = json.loads((folder / "layout.json").read_text())
+    latent_shards = sorted(p.name for p in folder.glob("latents-*.safetensors"))
+    text_shards = sorted(p.name for p in folder.glob("text-*.safetensors"))
+    num_rows, skipped = 0, {"corrupt": 0, "too small": 0}
+    for name in latent_shards:
+        _, metadata = open_safetensors(folder / name)
+        shard = json.loads(metadata["shard"])
+        num_rows += sum(group["rows"] for group in shard["groups"])
+        skipped = {reason: skipped[reason] + shard["skipped"][reason] for reason in skipped}
+    index = layout | {
+        "num_rows": num_rows,
+        "skipped": skipped,
+        "latent_shards": latent_shards,
+        "text_shards": text_shards,
+    }
+    if num_rows == 0:
+        raise ValueError(f"No usable image in the dataset (skipped {skipped}); nothing to cache.")
+    tmp = folder / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, folder / INDEX)
+    return index
 
 
-def load_latent_cache(folder: str | Path) -> LatentCache | None:
-    path = Path(folder) / "cache.safetensors"
-    if not path.is_file():
-        return None
-    return LatentCache(**load_file(str(path)), captions=json.loads((Path(folder) / "captions.json").read_text()))
-
-
-def latent_stats(cache: LatentCache, vae) -> dict[str, float]:
-    """Mean and std of the scaled latents (posterior means), e.g. to check `scaling_factor` is right (std ~ 1)."""
-    scaled = scale_latents(vae, cache.latent_mean[:, 0])
+def latent_stats(cache: LatentCache, vae, max_rows: int = 4096) -> dict[str, float]:
+    """Mean and std of the scaled latents (posterior means of the first view) of the first rows of the cache's first
+    latent size, e.g. to check `scaling_factor` is right (std ~ 1)."""
+    rows = next(iter(cache.rows_by_size().values()))[:max_rows]
+    scaled = scale_latents(vae, cache.gather("latent_mean", rows)[:, 0].float())
     return {"latent_mean": scaled.mean().item(), "latent_std": scaled.std().item()}

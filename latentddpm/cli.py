@@ -92,6 +92,13 @@ def train_ldm(argv: list[str] | None) -> None:
     train_ldm.main(argv)
 
 
+def cache(argv: list[str] | None) -> None:
+    """Build train-ldm's latent cache (`--config`), on every process of `accelerate launch -m latentddpm.cli`."""
+    from latentddpm.training import train_ldm
+
+    train_ldm.cache_main(argv)
+
+
 def demo(argv: list[str] | None) -> None:
     """The offline demo: both stages on the shapes dataset, then sampling and scoring."""
     from latentddpm.training import demo
@@ -144,6 +151,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], object]] = {
     "sample": sample,
     "train-vae": train_vae,
     "train-ldm": train_ldm,
+    "cache": cache,
     "demo": demo,
     "evaluate": evaluate,
     "train-classifier": train_classifier,

@@ -14,6 +14,7 @@ from .batching import step_generator
 from .data.shapes import shapes_prompts
 from .eval.sampling import grid_shape
 from .eval.shapes_judge import score_shapes_prompts
+from .latents import scale_latents
 from .losses import Objective, training_loss
 from .trackers import log_images
 
@@ -36,12 +37,19 @@ def validation_loss(
     (`cache.text`) by default.
     """
     generator = step_generator(seed, micro_step=0, process_index=10_000)
-    latents, caption_ids, loss_mask = cache.draw(rows, vae, generator, caption_dropout=0.0)
     device = next(unet.parameters()).device
-    hidden, mask = (text or cache.text)(caption_ids)
-    hidden, mask = hidden.to(device), None if mask is None else mask.to(device)
-    loss, _ = training_loss(unet, scheduler, latents.to(device), hidden, mask, objective, generator, loss_mask)
-    return loss.item()
+    total = 0.0
+    for size_rows in cache.rows_by_size().values():  # a batch per latent size (aspect-ratio bucket)
+        size_rows = rows[torch.isin(rows, size_rows)]
+        if not len(size_rows):
+            continue
+        latents, caption_ids, loss_mask = cache.draw(size_rows, generator, caption_dropout=0.0)
+        hidden, mask = (text or cache.text)(caption_ids)
+        hidden, mask = hidden.to(device), None if mask is None else mask.to(device)
+        latents = scale_latents(vae, latents).to(device)
+        loss, _ = training_loss(unet, scheduler, latents, hidden, mask, objective, generator, loss_mask)
+        total += loss.item() * len(size_rows)
+    return total / len(rows)
 
 
 @contextlib.contextmanager

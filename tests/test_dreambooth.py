@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_pipeline import make_pipe
 
 from latentddpm.batching import PairedStream, ShuffledStream
-from latentddpm.cache import build_latent_cache, load_latent_cache
+from latentddpm.cache import LatentCache, build_latent_cache, finish_latent_cache
 from latentddpm.config import ConfigError
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.dreambooth import ClassImageSettings, generate_class_images, read_image_folder, read_prompts
@@ -177,8 +177,9 @@ def test_masked_loss_is_the_mean_squared_error_over_the_mask(pipe):
 
 def test_alpha_channel_becomes_the_latent_loss_mask_of_each_view(pipe, tmp_path):
     folder = write_star_images(tmp_path / "stars", {})
-    cache = build_latent_cache(
+    build_latent_cache(
         Dataset.from_dict({"image": [str(folder / "00.png"), str(folder / "01.png")], "text": ["a", "b"]}),
+        tmp_path / "cache",
         image_column="image",
         caption_column="text",
         transform=ImageTransform(16),
@@ -189,12 +190,15 @@ def test_alpha_channel_becomes_the_latent_loss_mask_of_each_view(pipe, tmp_path)
         show_progress=False,
         loss_mask=True,
     )
+    finish_latent_cache(tmp_path / "cache")
+    cache = LatentCache(tmp_path / "cache")
+    loss_mask = cache.gather("loss_mask", torch.arange(2)).float()
     left = torch.zeros((1, 8, 8))
     left[..., :4] = 1.0  # the opaque left half of the image, on the factor-2 latent grid
-    assert cache.loss_mask.shape == (2, 2, 1, 8, 8)
-    assert torch.equal(cache.loss_mask[0, 0], left) and torch.equal(cache.loss_mask[0, 1], left.flip(-1))
-    assert torch.equal(cache.loss_mask[1], torch.ones((2, 1, 8, 8)))  # opaque: everywhere
-    _, _, drawn = cache.draw(torch.tensor([0, 0, 1]), pipe.vae, seeded(0))
+    assert loss_mask.shape == (2, 2, 1, 8, 8)
+    assert torch.equal(loss_mask[0, 0], left) and torch.equal(loss_mask[0, 1], left.flip(-1))
+    assert torch.equal(loss_mask[1], torch.ones((2, 1, 8, 8)))  # opaque: everywhere
+    _, _, drawn = cache.draw(torch.tensor([0, 0, 1]), seeded(0))
     assert drawn.shape == (3, 1, 8, 8)
 
 
@@ -237,9 +241,10 @@ def test_dreambooth_with_prior_preservation_and_masked_loss_resumes_bitwise(base
     straight = train_ldm.main(dreambooth_args(base, tmp_path / "a", instance, *prior))
     class_images = sorted((tmp_path / "a" / "cache" / "class_images").glob("*/*.png"))
     assert [path.name for path in class_images] == ["00000.png", "00001.png", "00002.png"]
-    (cache_folder,) = [path.parent for path in (tmp_path / "a" / "cache").glob("*/cache.safetensors")]
-    cache = load_latent_cache(cache_folder)
-    assert len(cache) == 4 + 3 and cache.loss_mask.shape == (7, 1, 1, 8, 8)  # instance rows, then class rows
+    (cache_folder,) = [path.parent for path in (tmp_path / "a" / "cache").glob("*/index.json")]
+    cache = LatentCache(cache_folder)
+    loss_mask = cache.gather("loss_mask", torch.arange(len(cache)))
+    assert len(cache) == 4 + 3 and loss_mask.shape == (7, 1, 1, 8, 8)  # instance rows, then class rows
     assert cache.captions == ["a blue square", "a red circle", "a sks star", "a sks star in the top left"]
 
     checkpointed = train_ldm.main(

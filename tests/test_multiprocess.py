@@ -109,6 +109,7 @@ def test_two_process_cpu_run_splits_batches_syncs_weights_and_keeps_the_lr_sched
         "--lr_warmup_steps", str(LR_WARMUP_STEPS),
         "--report_to", "tensorboard",
         "--log_every", "1",
+        "--dataloader_num_workers", "0",  # the rows are drawn in the training process, where they are observed
     )  # fmt: skip
     launch("test_multiprocess", args, {OBSERVATIONS: str(observations)})
 

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from latentddpm import losses
-from latentddpm.cache import build_latent_cache
+from latentddpm.cache import LatentCache, build_latent_cache, finish_latent_cache
 from latentddpm.checkpointing import DamagedCheckpointError, list_checkpoints, read_training_state, resolve_checkpoint
 from latentddpm.cli import run_main
 from latentddpm.config import ConfigError, config_from_dict
@@ -316,15 +316,16 @@ def test_fp16_vae_overflow_falls_back_to_fp32_with_a_warning(tiny_vae):
     assert torch.isfinite(sampled).all()
 
 
-def test_latent_cache_of_an_overflowing_fp16_vae_falls_back_to_fp32(tiny_vae):
+def test_latent_cache_of_an_overflowing_fp16_vae_falls_back_to_fp32(tiny_vae, tmp_path):
     vae = overflowing_vae(tiny_vae)
     tokenizer, text_encoder = load_text_encoder(default_text_encoder_path())
     images = [Image.new("RGB", (16, 16), color) for color in ("red", "blue")]
     dataset = datasets.Dataset.from_dict({"image": images, "text": ["a red image", "a blue image"]})
     transform = ImageTransform(16)
     with pytest.warns(RuntimeWarning, match="float16 VAE"):
-        cache = build_latent_cache(
+        build_latent_cache(
             dataset,
+            tmp_path,
             image_column="image",
             caption_column="text",
             transform=transform,
@@ -332,14 +333,17 @@ def test_latent_cache_of_an_overflowing_fp16_vae_falls_back_to_fp32(tiny_vae):
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             random_flip=False,
+            dtype=torch.float32,
             show_progress=False,
         )
+    finish_latent_cache(tmp_path)
+    cache = LatentCache(tmp_path)
     with torch.no_grad():
         pixels = torch.stack([transform(image) for image in images])
         parameters = copy.deepcopy(vae).float().encode(pixels).latent_dist.parameters.half()
     posterior = DiagonalGaussianDistribution(parameters)
-    assert torch.equal(cache.latent_mean[:, 0], posterior.mean.float())
-    assert torch.equal(cache.latent_std[:, 0], posterior.std.float())
+    assert torch.equal(cache.gather("latent_mean", torch.arange(2))[:, 0], posterior.mean.float())
+    assert torch.equal(cache.gather("latent_std", torch.arange(2))[:, 0], posterior.std.float())
 
 
 # --- out of disk space ----------------------------------------------------------------------------------------

@@ -133,14 +133,14 @@ def test_evaluation_hook_runs_every_n_steps_and_logs_its_metrics(tiny_vae, tmp_p
 
 def test_second_run_reuses_the_latent_cache(tiny_vae, tmp_path, caplog):
     train_ldm.main(ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1"))
-    cache_files = list((tmp_path / "cache").glob("*/cache.safetensors"))
+    cache_files = list((tmp_path / "cache").glob("*/latents-*.safetensors"))
     assert len(cache_files) == 1
     mtime = cache_files[0].stat().st_mtime_ns
     with caplog.at_level("INFO"):
         train_ldm.main(ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1", "--output_dir", str(tmp_path / "run2")))
     assert "Reusing cached latents" in caplog.text
     assert cache_files[0].stat().st_mtime_ns == mtime
-    assert len(list((tmp_path / "cache").glob("*/cache.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/latents-*.safetensors"))) == 1
 
 
 def test_vae_stage_writes_a_data_derived_scaling_factor(tmp_path):
@@ -234,7 +234,7 @@ def test_training_without_the_attention_mask_saves_a_pipeline_that_reads_prompts
     out = train_ldm.main(ldm_args(tiny_vae, tmp_path, "--use_attention_mask", "false", "--max_train_steps", "2"))
     pipe = LatentDDPMPipeline.from_pretrained(str(out))
     assert pipe.config.use_attention_mask is False
-    (cache_file,) = (tmp_path / "cache").glob("*/cache.safetensors")
+    (cache_file,) = (tmp_path / "cache").glob("*/text-*.safetensors")
     assert bool((load_file(str(cache_file))["text_mask"] == 1).all())
     image = pipe("a red circle in the center", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)

@@ -14,8 +14,9 @@ from diffusers.training_utils import compute_snr
 from benchmarks.training import ours_loss
 from latentddpm import losses
 from latentddpm.batching import ShuffledStream, step_generator
-from latentddpm.cache import load_latent_cache
+from latentddpm.cache import LatentCache
 from latentddpm.configs import config_path
+from latentddpm.latents import scale_latents
 from latentddpm.models import ConditionalUNet
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.training import train_ldm
@@ -80,7 +81,7 @@ def first_step(tiny_vae, tmp_path_factory):
         patch.undo()
         AcceleratorState._reset_state(reset_partial_state=True)
     assert len(recorded) == 1  # one step, one micro-batch: validation (at the end) does not call it from the loop
-    cache = load_latent_cache(next(Path(tmp_path / "cache").iterdir()))
+    cache = LatentCache(next(Path(tmp_path / "cache").iterdir()))
     return recorded[0], cache, out
 
 
@@ -95,7 +96,8 @@ def test_train_ldm_step_feeds_training_loss_the_step_batch(first_step, tiny_vae)
     vae = AutoencoderKL.from_pretrained(str(tiny_vae))
     rows = ShuffledStream(len(cache) - 8, BATCH, seed=SEED).indices(0)  # tiny_ldm.yaml holds out 8 rows
     generator = step_generator(SEED, 0, 0)
-    latents, caption_ids, _ = cache.draw(rows, vae, generator, caption_dropout=0.1)
+    latents, caption_ids, _ = cache.draw(rows, generator, caption_dropout=0.1)
+    latents = scale_latents(vae, latents)
     hidden, mask = cache.text(caption_ids)
     assert torch.equal(step["latents"], latents)
     assert torch.equal(step["hidden"], hidden) and torch.equal(step["mask"], mask)
@@ -138,7 +140,8 @@ def test_validation_loss_is_the_training_loss_on_held_out_rows(first_step, tiny_
     got = validation_loss(unet, scheduler, cache, rows, vae, step["objective"], seed=SEED)
 
     generator = step_generator(SEED, micro_step=0, process_index=10_000)  # validation's fixed draws
-    latents, caption_ids, _ = cache.draw(rows, vae, generator, caption_dropout=0.0)
+    latents, caption_ids, _ = cache.draw(rows, generator, caption_dropout=0.0)
+    latents = scale_latents(vae, latents)
     with torch.no_grad():
         oracle_scheduler = DDPMScheduler.from_config(step["scheduler_config"])
         expected = oracle_loss(unet, oracle_scheduler, latents, *cache.text(caption_ids), generator)

@@ -42,15 +42,15 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from latentddpm.batching import PairedStream, ShuffledStream, seed_global_rng, step_generator
+from latentddpm.batching import MicroBatches, PairedStream, ShuffledStream, seed_global_rng
 from latentddpm.cache import (
     LatentCache,
     build_latent_cache,
+    cache_is_complete,
     cache_key,
     dataset_fingerprint,
+    finish_latent_cache,
     latent_stats,
-    load_latent_cache,
-    save_latent_cache,
     tensor_fingerprint,
 )
 from latentddpm.config import (
@@ -65,7 +65,6 @@ from latentddpm.config import (
     save_config,
     tracker_config,
 )
-from latentddpm.data.images import prepare_image_dataset
 from latentddpm.data.transforms import ImageTransform
 from latentddpm.dreambooth import (
     ClassImageSettings,
@@ -77,7 +76,7 @@ from latentddpm.dreambooth import (
 )
 from latentddpm.ema import ShardedEMAModel
 from latentddpm.hub import STAGING, HubStrategy, HubUploader, hardware_description
-from latentddpm.latents import vae_scale_factor
+from latentddpm.latents import scale_latents, vae_scale_factor
 from latentddpm.lora import (
     UNET_LORA_TARGETS,
     add_text_encoder_lora,
@@ -216,6 +215,15 @@ class TrainLDMConfig(DataConfig):
     torch_compile: bool | None = None
     dataloader_batch_size: int = positive(64)  # batch size for caching latents/text embeddings
     cache_dir: str = "outputs/cache"  # where latents and text embeddings are cached (keyed by content hash)
+    cache_shard_size: int = positive(4096)  # images per cache shard (and captions per text shard)
+    # Precision of the cached latent moments and text embeddings (float16 halves the disk and page cache of float32;
+    # what it changes on the demo: BENCHMARKS.md, data_scale)
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # Cache the text embeddings of every unique caption (True), or encode each batch's captions with the frozen text
+    # encoder as the step runs (False: no text shards; BENCHMARKS.md, data_scale, says when that is faster)
+    cache_text_embeddings: bool = True
+    # DataLoader workers reading cached micro-batches ahead of the step (0: the training process reads them itself)
+    dataloader_num_workers: int = non_negative(1)
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
     # With torch_threads None, on CPU: fewer threads than cores when other processes keep cores busy (measured at
     # start, logged; latentddpm.threads). Off by default: results then depend on the machine's load, bit for bit.
@@ -442,7 +450,7 @@ def load_dreambooth_dataset(config: TrainLDMConfig, accelerator, models: Models)
     """DreamBooth's rows: the instance images, then (with prior preservation) the class images, which the pretrained
     pipeline generates now where they are missing. Returns a dataset of image paths and captions, its fingerprint
     and the number of class rows."""
-    # Every image checked here (size included): `prepare_image_dataset` then drops none, which would shift class rows.
+    # Every image checked here (size included): the cache then skips none, which would shift class rows.
     rows = read_image_folder(config.instance_data, config.instance_prompt, config.min_image_size)
     class_rows = []
     if config.with_prior_preservation:
@@ -467,8 +475,45 @@ def load_dreambooth_dataset(config: TrainLDMConfig, accelerator, models: Models)
     return Dataset.from_dict(columns), rows_fingerprint(rows), len(class_rows)
 
 
+def build_cache(config: TrainLDMConfig, accelerator, models: Models, dataset: Dataset, folder: Path) -> None:
+    """Every process encodes its shards of the latent cache (resuming a killed build), then the main process writes
+    the index that completes it."""
+    build_latent_cache(
+        dataset,
+        folder,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        transform=ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=False),
+        vae=models.vae,
+        tokenizer=models.tokenizer,
+        text_encoder=models.text_encoder,
+        random_flip=config.random_flip,
+        shard_size=config.cache_shard_size,
+        dtype=getattr(torch, config.cache_dtype),
+        cache_text=config.cache_text_embeddings,
+        batch_size=config.dataloader_batch_size,
+        device=accelerator.device,
+        seed=config.seed,
+        use_attention_mask=models.use_attention_mask,
+        loss_mask=config.masked_loss,
+        min_image_size=config.min_image_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        show_progress=accelerator.is_local_main_process,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        index = finish_latent_cache(folder)
+        skipped = index["skipped"]
+        logger.info(
+            f"Data: skipped {sum(skipped.values())} of {index['num_source_rows']} images ({skipped['corrupt']} "
+            f"corrupt, {skipped['too small']} too small)"
+        )
+    accelerator.wait_for_everyone()
+
+
 def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
-    """The latent cache (built once by the main process, keyed by content), the row stream and held-out rows."""
+    """The latent cache (built by every process, keyed by content), the row stream and held-out rows."""
     if config.masked_loss and models.noise_scheduler.config.variance_type in ("learned", "learned_range"):
         raise ConfigError("Config key 'masked_loss' does not work with a learned variance (its VLB is per sample).")
     models.vae.to(accelerator.device)
@@ -492,33 +537,14 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
     )
     if config.masked_loss:  # only then, so that the caches of earlier runs keep their keys
         key_parts["masked_loss"] = True
+    key_parts |= dict(shard_size=config.cache_shard_size, dtype=config.cache_dtype, text=config.cache_text_embeddings)
     key = cache_key(**key_parts)
     folder = Path(config.cache_dir) / key
-    with accelerator.main_process_first():
-        cache = load_latent_cache(folder)
-        if cache is None and accelerator.is_main_process:
-            dataset, report = prepare_image_dataset(dataset, config.image_column, min_size=config.min_image_size)
-            logger.info(f"Data: {report}")
-            cache = build_latent_cache(
-                dataset,
-                image_column=config.image_column,
-                caption_column=config.caption_column,
-                transform=ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=False),
-                vae=models.vae,
-                tokenizer=models.tokenizer,
-                text_encoder=models.text_encoder,
-                random_flip=config.random_flip,
-                batch_size=config.dataloader_batch_size,
-                device=accelerator.device,
-                seed=config.seed,
-                use_attention_mask=models.use_attention_mask,
-                loss_mask=config.masked_loss,
-            )
-            save_latent_cache(cache, folder)
-        else:
-            logger.info(f"Reusing cached latents and text embeddings from {folder}")
-    if cache is None:  # non-main processes: the main process has written it by now
-        cache = load_latent_cache(folder)
+    if cache_is_complete(folder):
+        logger.info(f"Reusing cached latents and text embeddings from {folder}")
+    else:
+        build_cache(config, accelerator, models, dataset, folder)
+    cache = LatentCache(folder)
     logger.info(f"Cache: {len(cache)} images, latent stats {latent_stats(cache, models.vae)}")
 
     # The rows: training rows (DreamBooth's instance rows), then DreamBooth's class rows, then held-out rows.
@@ -607,10 +633,12 @@ def text_conditioning(
     caption_ids: torch.Tensor, cache: LatentCache, models: Models, text_encoder: torch.nn.Module | None, device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(hidden (B, S, D), mask (B, S) or None)` of caption rows on `device`: cached, or encoded now by `text_encoder`
-    (the one being trained; None when it is frozen). The mask is None when cross-attention reads the padding too."""
-    if text_encoder is None:
+    (the one being trained; None when it is frozen: then by the frozen one when the cache holds no text embeddings).
+    The mask is None when cross-attention reads the padding too."""
+    if text_encoder is None and cache.has_text:
         hidden, mask = cache.text(caption_ids)
     else:
+        text_encoder = text_encoder or models.text_encoder
         prompts = [cache.prompt(i) for i in caption_ids.tolist()]
         hidden, mask = encode_prompt(
             prompts, models.tokenizer, text_encoder, device, use_attention_mask=models.use_attention_mask
@@ -648,6 +676,16 @@ def validate(config, accelerator, models, optimisation, data, state: RunState, e
     for model in optimisation.trained_models:
         model.train()
     return metrics
+
+
+def cache_main(argv: list[str] | None = None) -> Path:
+    """Build the latent cache of a training config and stop (`latentddpm cache`): the same cache, key and folder as
+    training's, which then opens it. Returns its folder."""
+    config = parse_config(TrainLDMConfig, argv)
+    accelerator = start_run(config)
+    data = load_data(config, accelerator, load_models(config))
+    accelerator.end_training()
+    return Path(config.cache_dir) / data.manifest["cache_key"]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -699,6 +737,17 @@ def main(argv: list[str] | None = None) -> Path:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
+    rank = accelerator.process_index
+    batches = iter(
+        MicroBatches(data.cache, data.stream, config.seed, rank, config.caption_dropout).loader(
+            state.global_step * accum,
+            config.max_train_steps * accum,
+            config.dataloader_num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    # This session's: the share of the steps' time spent waiting for data is logged.
+    data_seconds, step_seconds, first_step = 0.0, 0.0, state.global_step
     for model in opt.trained_models:
         model.train()
     with run:  # SIGTERM/SIGINT: finish the step, checkpoint, raise Preempted
@@ -707,10 +756,15 @@ def main(argv: list[str] | None = None) -> Path:
             loss = torch.zeros((), device=device)
             for micro in range(accum):
                 micro_step = state.global_step * accum + micro
-                generator = step_generator(config.seed, micro_step, accelerator.process_index)
+                wait_start = time.perf_counter()
+                batch = next(batches)  # read ahead by the loader's workers
+                data_seconds += time.perf_counter() - wait_start
+                # The micro-batch's step generator, after the draws of its rows: noise and timesteps come next.
+                generator = torch.Generator()
+                generator.set_state(batch["generator_state"])
                 seed_global_rng(config.seed, micro_step, accelerator.process_index)
-                rows = data.stream.indices(micro_step, accelerator.process_index)
-                latents, caption_ids, loss_mask = data.cache.draw(rows, models.vae, generator, config.caption_dropout)
+                latents, caption_ids = scale_latents(models.vae, batch["latents"]), batch["caption_ids"]
+                loss_mask = batch["loss_mask"]
                 # accelerate holds back the gradient sync until the last micro-batch (DDP's no_sync; FSDP and
                 # DeepSpeed their own) and scales the loss by 1 / accum in `backward`.
                 with accelerator.accumulate(*opt.trained_models), accelerator.autocast():
@@ -737,6 +791,7 @@ def main(argv: list[str] | None = None) -> Path:
             opt.optimizer.zero_grad(set_to_none=True)
             opt.lr_scheduler.step()
             state.global_step += 1
+            step_seconds += time.perf_counter() - step_start
             state.train_seconds += time.perf_counter() - step_start
             progress.update(1)
 
@@ -745,6 +800,7 @@ def main(argv: list[str] | None = None) -> Path:
                 logs = {"loss": accelerator.reduce(loss, reduction="mean").item(), "lr": lrs[0]}
                 logs |= {"lr_text_encoder": lrs[1]} if config.text_encoder_trains else {}
                 logs |= {"grad_norm": grad_norm.item(), "train_minutes": state.train_seconds / 60}
+                logs |= {"data_wait_share": data_seconds / step_seconds}
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=state.global_step)
             run.checkpoint_if_due()
@@ -753,6 +809,12 @@ def main(argv: list[str] | None = None) -> Path:
                 if evaluation or (config.validation_steps and state.global_step % config.validation_steps == 0):
                     validate(config, accelerator, models, opt, data, state, opt.ema, evaluation)
     progress.close()
+    if step_seconds:
+        steps = state.global_step - first_step
+        logger.info(
+            f"Waited for data {data_seconds / step_seconds:.1%} of the training steps' time ({steps} steps, "
+            f"{step_seconds:.1f} s)"
+        )
     return save(config, accelerator, models, opt, data, run, hardware)
 
 
