@@ -4,13 +4,16 @@
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from test_data import random_rgb
 from test_pipeline import make_pipe
 
 from latentddpm.batching import BucketedStream
 from latentddpm.buckets import aspect_ratio_buckets, bucket_multiple, bucket_name, nearest_bucket
+from latentddpm.data import ImageTransform
 from latentddpm.models import ConditionalUNet, to_unet2d_condition_config
 from latentddpm.models.unet_blocks import Downsample
 
@@ -175,3 +178,57 @@ def test_bucket_frequencies_follow_bucket_sizes():
 def test_bucketed_stream_without_rows_is_a_clear_error():
     with pytest.raises(ValueError, match="Every bucket is empty \\(2 buckets\\)"):
         BucketedStream([torch.arange(0), torch.arange(0)], per_process=2)
+
+
+def pixels_of(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.mark.parametrize("image_size, size, window", [((40, 16), (16, 24), (0, 8)), ((16, 40), (24, 16), (8, 0))])
+def test_image_transform_center_crops_to_a_bucket(image_size, size, window):
+    # The image's shorter side fits the bucket already: no resize, the middle window of the longer side.
+    width, height = image_size
+    image = random_rgb(width, height)
+    pixels, time_ids = ImageTransform(8).with_time_ids(image, size=size)
+    top, left = window
+    torch.testing.assert_close(pixels, pixels_of(image)[:, top : top + size[0], left : left + size[1]])
+    assert time_ids == (height, width, top, left, *size)
+    torch.testing.assert_close(ImageTransform(8)(image, size=size), pixels)
+
+
+def test_image_transform_resizes_to_cover_the_bucket():
+    image = random_rgb(48, 16)  # 3:1
+    transform = ImageTransform(8)
+    assert transform.crop_box((16, 48), (8, 12)) == ((8, 24), (0, 6))  # halved, then the middle 12 columns
+    assert transform(image, size=(8, 12)).shape == (3, 8, 12)
+    assert transform.crop_box((16, 48), (40, 24)) == ((40, 120), (0, 48))  # upscaled so the height fits
+    pixels, alpha = transform.with_alpha(image, size=(40, 24))
+    assert pixels.shape == (3, 40, 24) and torch.equal(alpha, torch.ones(1, 40, 24))
+    # Without a size, the square of `resolution`, as before buckets.
+    assert torch.equal(transform(image), transform(image, size=(8, 8)))
+    assert transform.crop_box((16, 48)) == ((8, 24), (0, 8))
+    with pytest.raises(ValueError, match="size must be a positive \\(height, width\\), got \\(0, 8\\)"):
+        transform(image, size=(0, 8))
+
+
+def test_image_transform_time_ids_locate_random_crops_and_flips():
+    image = random_rgb(40, 16)  # covers the (16, 20) crop without a resize
+    array = pixels_of(image)
+    transform = ImageTransform(8, center_crop=False, random_flip=True)
+    lefts, flips = set(), set()
+    for seed in range(20):
+        pixels, (original_height, original_width, top, left, height, width) = transform.with_time_ids(
+            image, generator=torch.Generator().manual_seed(seed), size=(16, 20)
+        )
+        assert (original_height, original_width, top, height, width) == (16, 40, 0, 16, 20)
+        # The crop's corner is in the image as the output shows it: mirrored when the output is.
+        window = array[:, :, left : left + 20]
+        flipped = array.flip(-1)[:, :, left : left + 20]
+        assert torch.equal(pixels, window) or torch.equal(pixels, flipped)
+        flips.add(torch.equal(pixels, flipped))
+        lefts.add(left)
+        # The same draws as calling the transform, and as `crop_box` before the flip.
+        assert torch.equal(pixels, transform(image, torch.Generator().manual_seed(seed), size=(16, 20)))
+        _, (box_top, box_left) = transform.crop_box((16, 40), (16, 20), torch.Generator().manual_seed(seed))
+        assert (box_top, box_left) == (0, 40 - 20 - left if torch.equal(pixels, flipped) else left)
+    assert flips == {False, True} and len(lefts) > 5
