@@ -118,6 +118,16 @@ def test_bucket_name_is_height_by_width():
     assert bucket_name((768, 1344)) == "768x1344"
 
 
+@pytest.mark.parametrize("bucket", [(12, 20), (20, 12)])
+def test_pipeline_samples_at_a_bucket_size(bucket):
+    pipe = make_pipe()  # 16x16 images, factor-2 VAE, a two-level U-Net: buckets of 16**2 pixels in multiples of 4
+    assert bucket in aspect_ratio_buckets(16, bucket_multiple(pipe.vae, pipe.unet))
+    height, width = bucket
+    prompts = ["a red circle", "a blue square"]
+    pixels = pipe(prompts, height=height, width=width, num_inference_steps=2, output_type="pt").images
+    assert pixels.shape == (2, 3, height, width) and torch.isfinite(pixels).all()
+
+
 def make_bucketed_stream(sizes=(37, 0, 5, 20), per_process=4, num_processes=1, seed=0):
     """A stream over buckets of the given sizes, holding consecutive global rows."""
     bounds = torch.tensor((0, *sizes)).cumsum(0).tolist()
