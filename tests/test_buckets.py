@@ -10,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from test_data import random_rgb
 from test_pipeline import make_pipe
+from test_unet import make_inputs, make_unet
 
 from latentddpm.batching import BucketedStream
 from latentddpm.buckets import aspect_ratio_buckets, bucket_multiple, bucket_name, nearest_bucket
@@ -242,3 +243,70 @@ def test_image_transform_time_ids_locate_random_crops_and_flips():
         _, (box_top, box_left) = transform.crop_box((16, 40), (16, 20), torch.Generator().manual_seed(seed))
         assert (box_top, box_left) == (0, 40 - 20 - left if torch.equal(pixels, flipped) else left)
     assert flips == {False, True} and len(lefts) > 5
+
+
+@pytest.mark.parametrize("pooled_projection_dim", [None, 12])
+def test_size_conditioning_matches_sdxl_text_time_embedding(pooled_projection_dim):
+    unet = make_unet(addition_time_embed_dim=8, pooled_projection_dim=pooled_projection_dim).eval()
+    # Oracle: diffusers' SDXL embedding, whose MLP takes the pooled text embedding (here of width 0 or 12) followed
+    # by the sinusoidal features of the six ids.
+    text_dim = pooled_projection_dim or 0
+    base = dict(unet.config) | {"addition_time_embed_dim": None, "pooled_projection_dim": None}
+    twin = UNet2DConditionModel(
+        **to_unet2d_condition_config(base),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=text_dim + 6 * 8,
+    ).eval()
+    twin.load_state_dict(unet.state_dict())  # strict: the same keys and shapes
+    inputs = make_inputs(unet, size=(6, 10))
+    time_ids = torch.tensor([[300, 500, 0, 20, 192, 320], [1024, 768, 64, 0, 320, 192]])
+    added = inputs.pop("added_cond_kwargs", {}) | {"time_ids": time_ids}
+    with torch.no_grad():
+        ours = unet(**inputs, added_cond_kwargs=added)
+        # diffusers always takes `text_embeds`: without a pooled text embedding, an empty one.
+        theirs = twin(**inputs, added_cond_kwargs={"text_embeds": torch.zeros(2, 0)} | added)
+    torch.testing.assert_close(ours.sample, theirs.sample, atol=1e-5, rtol=1e-5)
+
+
+def test_size_conditioning_changes_the_prediction():
+    unet = make_unet(addition_time_embed_dim=8).eval()
+    inputs = make_inputs(unet)
+    uncropped = torch.tensor([[16, 16, 0, 0, 16, 16]] * 2)
+    cropped = torch.tensor([[16, 32, 0, 8, 16, 16]] * 2)
+    with torch.no_grad():
+        first = unet(**inputs, added_cond_kwargs={"time_ids": uncropped}).sample
+        again = unet(**inputs, added_cond_kwargs={"time_ids": uncropped.float()}).sample
+        other = unet(**inputs, added_cond_kwargs={"time_ids": cropped}).sample
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first, other, atol=1e-4)
+
+
+def test_size_conditioning_inputs_are_checked():
+    unet = make_unet(addition_time_embed_dim=8)
+    with pytest.raises(ValueError, match="`added_cond_kwargs=\\{'time_ids': time_ids\\}` must be passed exactly"):
+        unet(**make_inputs(unet))
+    with pytest.raises(ValueError, match="`time_ids` must have shape \\(2, 6\\), got \\(2, 4\\)"):
+        unet(**make_inputs(unet), added_cond_kwargs={"time_ids": torch.zeros(2, 4)})
+    plain = make_unet()
+    with pytest.raises(ValueError, match="addition_time_embed_dim=None"):
+        plain(**make_inputs(plain), added_cond_kwargs={"time_ids": torch.zeros(2, 6)})
+    with pytest.raises(ValueError, match="`addition_time_embed_dim`=8 has no `UNet2DConditionModel` equivalent"):
+        to_unet2d_condition_config(unet.config)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_pipeline_conditions_on_the_output_size(guidance_scale):
+    pipe = make_pipe()
+    pipe.register_modules(unet=ConditionalUNet.from_config(pipe.unet.config, addition_time_embed_dim=8).eval())
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True
+    )
+    prompts = ["a red circle", "a blue square"]
+    pixels = pipe(
+        prompts, height=12, width=20, guidance_scale=guidance_scale, num_inference_steps=2, output_type="pt"
+    ).images
+    assert pixels.shape == (2, 3, 12, 20) and torch.isfinite(pixels).all()
+    rows = 4 if guidance_scale > 1 else 2  # both halves of a guided batch
+    assert len(seen) == 2 and all(torch.equal(ids, torch.tensor([[12, 20, 0, 0, 12, 20]] * rows)) for ids in seen)
