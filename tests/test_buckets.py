@@ -15,8 +15,10 @@ from test_unet import make_inputs, make_unet
 from latentddpm.batching import BucketedStream
 from latentddpm.buckets import aspect_ratio_buckets, bucket_multiple, bucket_name, nearest_bucket
 from latentddpm.data import ImageTransform
+from latentddpm.losses import Objective, training_losses
 from latentddpm.models import ConditionalUNet, to_unet2d_condition_config
 from latentddpm.models.unet_blocks import Downsample
+from latentddpm.schedulers import DDPMNoiseScheduler
 
 
 @pytest.mark.parametrize("resolution, multiple, max_aspect_ratio", [(16, 4, 2.0), (512, 64, 2.0), (1024, 64, 4.0)])
@@ -310,3 +312,23 @@ def test_pipeline_conditions_on_the_output_size(guidance_scale):
     assert pixels.shape == (2, 3, 12, 20) and torch.isfinite(pixels).all()
     rows = 4 if guidance_scale > 1 else 2  # both halves of a guided batch
     assert len(seen) == 2 and all(torch.equal(ids, torch.tensor([[12, 20, 0, 0, 12, 20]] * rows)) for ids in seen)
+
+
+def test_training_loss_conditions_on_the_time_ids():
+    unet = make_unet(addition_time_embed_dim=8).eval()
+    inputs = make_inputs(unet, batch=2)
+    latents, hidden = inputs["sample"], inputs["encoder_hidden_states"]
+    scheduler, objective = DDPMNoiseScheduler(), Objective()
+    time_ids = torch.tensor([[16, 32, 0, 8, 16, 16], [32, 16, 4, 0, 16, 16]])
+
+    def loss(model, **kwargs) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            return training_losses(model, scheduler, latents, hidden, None, objective, generator, **kwargs)[0]
+
+    # Oracle: a U-Net called with the ids by hand.
+    def with_ids(sample, timestep, encoder_hidden_states, **kwargs):
+        return unet(sample, timestep, encoder_hidden_states, added_cond_kwargs={"time_ids": time_ids})
+
+    torch.testing.assert_close(loss(unet, time_ids=time_ids), loss(with_ids), rtol=0, atol=0)
+    assert not torch.allclose(loss(unet, time_ids=time_ids), loss(unet, time_ids=time_ids.flip(0)))
