@@ -16,6 +16,11 @@ def _step_seeds(seed: int, micro_step: int, process_index: int) -> tuple[int, in
     return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of an epoch's shuffle."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def step_generator(seed: int, micro_step: int, process_index: int = 0) -> torch.Generator:
     """A CPU generator seeded from (seed, micro_step, process_index), independent for every combination."""
     return torch.Generator().manual_seed(_step_seeds(seed, micro_step, process_index)[0])
@@ -48,7 +53,7 @@ class ShuffledStream:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            generator = _epoch_generator(self.seed, epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=generator)
         return self._perm
 
@@ -62,6 +67,73 @@ class ShuffledStream:
             here = epochs == epoch
             out[here] = self._permutation(epoch)[positions[here] % self.num_rows]
         return out
+
+
+class BucketedStream:
+    """An endless stream of single-bucket micro-batches (aspect-ratio buckets, `latentddpm.buckets`), epoch by epoch.
+
+    Every epoch, each bucket's rows are shuffled and cut into global batches of `per_process * num_processes` rows
+    (the last one filled up by wrapping around to the start of the bucket's shuffled rows, so every row is seen and
+    every batch is full), and the order of all the epoch's batches is shuffled, so buckets come at random, each as
+    often as its share of the batches, as in NovelAI's bucketing
+    (https://github.com/NovelAI/novelai-aspect-ratio-bucketing). All processes train on the same bucket at each
+    micro-step; process `r` takes its slice of `per_process` rows. Only the current epoch is held in memory.
+
+    Args:
+        bucket_rows (`list[torch.Tensor]`): The global row indices of each bucket, one 1-D integer tensor per bucket;
+            empty buckets are skipped.
+        per_process (`int`): Rows per process in a micro-batch.
+        num_processes (`int`, defaults to 1): Processes sharing each micro-batch.
+        seed (`int`, defaults to 0): Seed of the shuffles.
+    """
+
+    def __init__(self, bucket_rows: list[torch.Tensor], per_process: int, num_processes: int = 1, seed: int = 0):
+        self.bucket_rows = [torch.as_tensor(rows, dtype=torch.long) for rows in bucket_rows]
+        if any(rows.dim() != 1 for rows in self.bucket_rows):
+            raise ValueError("Each bucket's rows must be a 1-D tensor of row indices.")
+        sizes = [len(rows) for rows in self.bucket_rows]
+        if sum(sizes) == 0:
+            raise ValueError(f"Every bucket is empty ({len(sizes)} buckets); nothing to train on.")
+        self.per_process = per_process
+        self.global_batch = per_process * num_processes
+        self.seed = seed
+        # ceil(size / global_batch) batches per bucket, the same in every epoch.
+        self.batches_per_epoch = sum(-(-size // self.global_batch) for size in sizes)
+        self._epoch, self._batches, self._buckets = -1, None, None
+
+    @property
+    def num_rows(self) -> int:
+        """The rows of all buckets."""
+        return sum(len(rows) for rows in self.bucket_rows)
+
+    def _epoch_batches(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's batches, `(batches_per_epoch, global_batch)` row indices, and the bucket of each."""
+        if epoch != self._epoch:
+            generator = _epoch_generator(self.seed, epoch)
+            batches, buckets = [], []
+            for index, rows in enumerate(self.bucket_rows):
+                if len(rows) == 0:
+                    continue
+                num_batches = -(-len(rows) // self.global_batch)
+                shuffled = rows[torch.randperm(len(rows), generator=generator)]
+                # Wrap around for the last batch: (num_batches * global_batch,) -> (num_batches, global_batch).
+                wrapped = shuffled[torch.arange(num_batches * self.global_batch) % len(rows)]
+                batches.append(wrapped.view(num_batches, self.global_batch))
+                buckets.append(torch.full((num_batches,), index))
+            order = torch.randperm(self.batches_per_epoch, generator=generator)
+            self._epoch, self._batches, self._buckets = epoch, torch.cat(batches)[order], torch.cat(buckets)[order]
+        return self._batches, self._buckets
+
+    def indices(self, micro_step: int, process_index: int = 0) -> torch.Tensor:
+        """Row indices, shape `(per_process,)`, of micro-batch `micro_step` on `process_index`."""
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        start = process_index * self.per_process
+        return self._epoch_batches(epoch)[0][position, start : start + self.per_process].clone()
+
+    def bucket(self, micro_step: int) -> int:
+        """The index (in `bucket_rows`) of the bucket that every process's rows of micro-batch `micro_step` are in."""
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        return int(self._epoch_batches(epoch)[1][position])
 
 
 class PairedStream:

@@ -74,6 +74,7 @@ def diffusion_loss(
     input_perturbation: float = 0.0,
     perturbation_noise: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-sample denoising loss of `unet` on one batch.
 
@@ -89,6 +90,8 @@ def diffusion_loss(
         loss_mask (`torch.Tensor` of shape `(B, 1, H, W)`, *optional*): weights in [0, 1] of each latent position;
             the error is then averaged over the mask (its weighted mean), so only masked positions count and a mask
             of ones gives the plain mean. Not with a learned variance (the VLB term is per sample).
+        time_ids (`torch.Tensor` of shape `(B, 6)`, *optional*): each image's size and crop, for a U-Net with
+            `addition_time_embed_dim` (SDXL's micro-conditioning; `ImageTransform.with_time_ids` gives them).
 
     Returns:
         `(mse, vlb)`: `mse` of shape `(B,)`, the mean squared error to the target of the scheduler's
@@ -97,8 +100,13 @@ def diffusion_loss(
     """
     noisy_input = noise if not input_perturbation else noise + input_perturbation * perturbation_noise
     noisy_latents = scheduler.add_noise(latents, noisy_input, timesteps)
+    added_cond_kwargs = None if time_ids is None else {"time_ids": time_ids}
     model_output = unet(
-        noisy_latents, timesteps, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states,
+        encoder_attention_mask=encoder_attention_mask,
+        added_cond_kwargs=added_cond_kwargs,
     ).sample
 
     channels = latents.shape[1]
@@ -144,6 +152,7 @@ def training_losses(
     objective: Objective,
     generator: torch.Generator,
     loss_mask: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-sample loss of one training step on one (micro-)batch: noise, timesteps, `diffusion_loss`, weights,
     VLB term.
@@ -158,6 +167,7 @@ def training_losses(
         objective (`Objective`): weighting, noise offset, input perturbation and VLB weight.
         generator (`torch.Generator`): the step's CPU generator.
         loss_mask (`torch.Tensor` of shape `(B, 1, H, W)`, *optional*): where the loss counts (see `diffusion_loss`).
+        time_ids (`torch.Tensor` of shape `(B, 6)`, *optional*): size-and-crop ids (see `diffusion_loss`).
 
     Returns:
         `(losses, logs)`: the loss of each sample, shape `(B,)` (their mean is the loss to backpropagate, unless the
@@ -180,6 +190,7 @@ def training_losses(
         input_perturbation=objective.input_perturbation,
         perturbation_noise=None if perturbation is None else perturbation.to(device),
         loss_mask=None if loss_mask is None else loss_mask.to(device),
+        time_ids=None if time_ids is None else time_ids.to(device),
     )
     losses = mse * min_snr_weights(scheduler, timesteps.to(device), objective.snr_gamma)
     logs = {"mse": mse.detach().mean()}
@@ -198,9 +209,18 @@ def training_loss(
     objective: Objective,
     generator: torch.Generator,
     loss_mask: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The scalar loss of one training step: the mean of `training_losses` (same arguments), and its logs."""
     losses, logs = training_losses(
-        unet, scheduler, latents, encoder_hidden_states, encoder_attention_mask, objective, generator, loss_mask
+        unet,
+        scheduler,
+        latents,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        objective,
+        generator,
+        loss_mask,
+        time_ids,
     )
     return losses.mean(), logs

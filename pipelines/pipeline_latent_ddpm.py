@@ -494,7 +494,9 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
             prompt (`str` or `list[str]`, *optional*): the prompts; pass `prompt_embeds` instead to skip encoding.
             negative_prompt (`str` or `list[str]`, *optional*): what guidance steers away from; `""` when `None`.
             height (`int`, *optional*): image height, a multiple of the VAE scale factor; defaults to
-                `unet.config.sample_size * vae_scale_factor`. `image` and `mask_image` are resized to it.
+                `unet.config.sample_size * vae_scale_factor`. `image` and `mask_image` are resized to it. A U-Net
+                with `addition_time_embed_dim` is conditioned on it as the size of an uncropped image (SDXL's
+                `time_ids = (height, width, 0, 0, height, width)`).
             width (`int`, *optional*): image width, likewise.
             num_inference_steps (`int`, defaults to 50): denoising steps; more is slower and usually better.
             timesteps (`list[int]`, *optional*): custom descending timesteps, for schedulers whose `set_timesteps`
@@ -650,7 +652,13 @@ class LatentDDPMPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusio
                 )
                 mask = F.interpolate(mask, size=shape[2:]).to(dtype)  # (N, 1, h, w), nearest as in diffusers
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-        added_cond_kwargs = None if image_embeds is None else {"image_embeds": image_embeds}
+        added_cond_kwargs = {} if image_embeds is None else {"image_embeds": image_embeds}
+        if self.unet.config.get("addition_time_embed_dim") is not None:
+            # SDXL's size and crop micro-conditioning at its defaults: an uncropped image of the output size (the
+            # order of `ImageTransform.with_time_ids`), for both halves of a guided batch.
+            model_batch = 2 * num_images if self.do_classifier_free_guidance else num_images
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+            added_cond_kwargs["time_ids"] = time_ids.repeat(model_batch, 1)
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
             guidance = torch.tensor(self.guidance_scale - 1).repeat(num_images)

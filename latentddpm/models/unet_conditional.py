@@ -30,6 +30,9 @@ from torch import nn
 
 from .unet_blocks import DownBlock, MidBlock, UpBlock
 
+# SDXL's micro-conditioning: original height and width, crop top and left, target height and width.
+NUM_TIME_IDS = 6
+
 
 @dataclass
 class ConditionalUNetOutput(BaseOutput):
@@ -63,7 +66,7 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
     stride-2 downsampling except at the last level. The middle is ResNet, transformer, ResNet (a single ResNet block
     without `mid_block_attention`). The decoder mirrors the encoder with `layers_per_block + 1` ResNet blocks per
     level, each consuming one skip connection. The sinusoidal timestep embedding goes through an MLP; optional
-    class-label and pooled-text embeddings are added to it.
+    class-label, pooled-text and image size-and-crop embeddings are added to it.
 
     Attention layers are diffusers' `Attention`, so `attn_processors`, `set_attn_processor`,
     `set_default_attn_processor`, `set_attention_slice` and `enable_xformers_memory_efficient_attention` work as on
@@ -87,8 +90,11 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
       refused with a `ValueError` naming the key. `attention_head_dim` is the head width, not the head count.
     - `from_single_file` (`FromOriginalModelMixin`) is not offered: diffusers' single-file loader knows only its
       own classes. Convert original checkpoints to this model's state dict instead.
-    - `added_cond_kwargs` takes `text_embeds` (with `pooled_projection_dim`) and `image_embeds` (with an
-      IP-Adapter loaded); SDXL's `time_ids` and other addition embeddings do not exist here.
+    - `added_cond_kwargs` takes `text_embeds` (with `pooled_projection_dim`), `time_ids` (with
+      `addition_time_embed_dim`) and `image_embeds` (with an IP-Adapter loaded); the other addition embeddings do
+      not exist here. With both `pooled_projection_dim` and `addition_time_embed_dim`, `add_time_proj` and
+      `add_embedding` are those of `addition_embed_type="text_time"` (SDXL); a U-Net with either has no
+      [`to_unet2d_condition_config`].
     - The legacy way of feeding T2I-Adapter features through `down_block_additional_residuals` without
       `mid_block_additional_residual` is refused (diffusers deprecates it); pass them as
       `down_intrablock_additional_residuals`.
@@ -135,6 +141,10 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
         time_cond_proj_dim (`int`, *optional*): If set, a `timestep_cond` embedding of this width (e.g. the guidance
             scale embedding of latent consistency models, Luo et al. 2023, https://arxiv.org/abs/2310.04378) is
             projected and added to the timestep features before the time MLP, as in `UNet2DConditionModel`.
+        addition_time_embed_dim (`int`, *optional*): If set, the six numbers of SDXL's micro-conditioning on image
+            size and crop, passed as `added_cond_kwargs={"time_ids": time_ids}`, each get a sinusoidal embedding of
+            this width; their concatenation (after the pooled text embedding, if any) is projected by an MLP and
+            added to the time embedding (Podell et al. 2023, section 2.2, https://arxiv.org/abs/2307.01952).
     """
 
     _supports_gradient_checkpointing = True
@@ -163,6 +173,7 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
         num_class_embeds: int | None = None,
         pooled_projection_dim: int | None = None,
         time_cond_proj_dim: int | None = None,
+        addition_time_embed_dim: int | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -176,6 +187,7 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
             ("num_class_embeds", num_class_embeds),
             ("pooled_projection_dim", pooled_projection_dim),
             ("time_cond_proj_dim", time_cond_proj_dim),
+            ("addition_time_embed_dim", addition_time_embed_dim),
         ):
             if value is not None and not isinstance(value, int):
                 raise ValueError(f"`{name}`={value!r} must be an int or None.")
@@ -198,16 +210,19 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
                     f"{norm_num_groups} and of `attention_head_dim`={list(head_dims)} at each level."
                 )
 
-        # 1. Embeddings: sinusoidal timestep features -> MLP, plus optional class and pooled-text embeddings.
+        # 1. Embeddings: sinusoidal timestep features -> MLP, plus optional class embeddings and one MLP over the
+        # pooled text embedding and the sinusoidal features of the size-and-crop ids, concatenated (as SDXL's).
         time_embed_dim = 4 * block_out_channels[0]
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(
             block_out_channels[0], time_embed_dim, act_fn=act_fn, cond_proj_dim=time_cond_proj_dim
         )
         self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
-        self.add_embedding = None
-        if pooled_projection_dim is not None:
-            self.add_embedding = TimestepEmbedding(pooled_projection_dim, time_embed_dim, act_fn=act_fn)
+        self.add_time_proj = None
+        if addition_time_embed_dim is not None:
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+        add_embed_dim = (pooled_projection_dim or 0) + NUM_TIME_IDS * (addition_time_embed_dim or 0)
+        self.add_embedding = TimestepEmbedding(add_embed_dim, time_embed_dim, act_fn=act_fn) if add_embed_dim else None
 
         # 2. Encoder, middle, decoder.
         resnet_kwargs = {
@@ -393,8 +408,11 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
             cross_attention_kwargs (`dict`, *optional*): Passed to every attention processor; `"scale"` is the
                 weight of loaded LoRA layers.
             added_cond_kwargs (`dict`, *optional*): `{"text_embeds": pooled}` with `pooled` of shape
-                `(B, pooled_projection_dim)`, required exactly when the config has `pooled_projection_dim`; and
-                `{"image_embeds": ...}`, required exactly when an IP-Adapter is loaded.
+                `(B, pooled_projection_dim)`, required exactly when the config has `pooled_projection_dim`;
+                `{"time_ids": time_ids}` with `time_ids` of shape `(B, 6)`, each image's original height and width,
+                crop top and left, and target height and width in pixels (SDXL's order), required exactly when the
+                config has `addition_time_embed_dim`; and `{"image_embeds": ...}`, required exactly when an
+                IP-Adapter is loaded.
             down_block_additional_residuals (`tuple[torch.Tensor]`, *optional*): ControlNet residuals, one per skip
                 connection of the encoder, added to them.
             mid_block_additional_residual (`torch.Tensor`, *optional*): ControlNet residual added to the middle
@@ -412,6 +430,7 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
         batch = sample.shape[0]
         added_cond_kwargs = added_cond_kwargs or {}
         text_embeds = added_cond_kwargs.get("text_embeds")
+        time_ids = added_cond_kwargs.get("time_ids")
         if (class_labels is None) != (self.class_embedding is None):
             raise ValueError(
                 "`class_labels` must be passed exactly when `num_class_embeds` is set; got class_labels="
@@ -430,14 +449,22 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
                 f" added_cond_kwargs keys {sorted(added_cond_kwargs)} with"
                 f" {'an' if self.encoder_hid_proj is not None else 'no'} IP-Adapter."
             )
-        if (text_embeds is None) != (self.add_embedding is None):
+        if (text_embeds is None) != (self.config.pooled_projection_dim is None):
             raise ValueError(
                 "`added_cond_kwargs={'text_embeds': pooled}` must be passed exactly when `pooled_projection_dim` is "
                 f"set; got added_cond_kwargs keys {sorted(added_cond_kwargs)} with pooled_projection_dim="
                 f"{self.config.pooled_projection_dim}."
             )
+        if (time_ids is None) != (self.add_time_proj is None):
+            raise ValueError(
+                "`added_cond_kwargs={'time_ids': time_ids}` must be passed exactly when `addition_time_embed_dim` is "
+                f"set; got added_cond_kwargs keys {sorted(added_cond_kwargs)} with addition_time_embed_dim="
+                f"{self.config.addition_time_embed_dim}."
+            )
+        if time_ids is not None and tuple(time_ids.shape) != (batch, NUM_TIME_IDS):
+            raise ValueError(f"`time_ids` must have shape ({batch}, {NUM_TIME_IDS}), got {tuple(time_ids.shape)}.")
 
-        # 1. Conditioning vector: time embedding (+ class embedding) (+ pooled text embedding).
+        # 1. Conditioning vector: time embedding (+ class embedding) (+ pooled text and size-and-crop embedding).
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         if timesteps.shape[0] not in (1, batch):
             raise ValueError(f"`timestep` has {timesteps.shape[0]} values for a batch of {batch}; pass 1 or {batch}.")
@@ -446,7 +473,11 @@ class ConditionalUNet(ModelMixin, AttentionMixin, ConfigMixin, UNet2DConditionLo
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels)
         if self.add_embedding is not None:
-            emb = emb + self.add_embedding(text_embeds.to(sample.dtype))
+            add_embeds = [] if text_embeds is None else [text_embeds]
+            if time_ids is not None:
+                # (B, 6) -> (B * 6, addition_time_embed_dim) -> (B, 6 * addition_time_embed_dim)
+                add_embeds.append(self.add_time_proj(time_ids.flatten()).reshape(batch, -1))
+            emb = emb + self.add_embedding(torch.cat(add_embeds, dim=-1).to(sample.dtype))
         # Every ResNet block activates the embedding before its projection (Ho et al. 2020); do it once here.
         temb = self.nonlinearity(emb)
 
@@ -510,11 +541,9 @@ def to_unet2d_condition_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     parameters = inspect.signature(ConditionalUNet.__init__).parameters.values()
     config = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | dict(config)
-    if config["pooled_projection_dim"] is not None:
-        raise ValueError(
-            f"`pooled_projection_dim`={config['pooled_projection_dim']} has no `UNet2DConditionModel` equivalent; "
-            "set it to None."
-        )
+    for key in ("pooled_projection_dim", "addition_time_embed_dim"):
+        if config[key] is not None:
+            raise ValueError(f"`{key}`={config[key]} has no `UNet2DConditionModel` equivalent; set it to None.")
     channels = tuple(config["block_out_channels"])
     head_dims = _per_level("attention_head_dim", config["attention_head_dim"], len(channels))
     levels = tuple(config["attention_levels"])
