@@ -67,11 +67,13 @@ def load_streaming_dataset(
     data_files: str | list[str] | dict[str, str | list[str]] | None = None,
     dataset_config_name: str | None = None,
     cache_dir: str | None = None,
+    **generator_kwargs,
 ) -> IterableDataset:
     """Opens an image-caption dataset for streaming: nothing is downloaded or decoded before it is iterated.
 
     The sources are those of `load_image_caption_dataset` (a `.parquet` or `.tar` path or glob, a local folder, a Hub
-    name; the generated datasets too), with the same one-line errors for a missing column. The image column is cast
+    name; the generated datasets too, as an iterable view of the generated rows), with the same one-line errors for
+    a missing column. The image column is cast
     to `datasets.Image(decode=False)`, so reading a row never decodes an image (and never raises on a bad one):
     `StreamingBatches` decodes with `decode_rgb` and skips what it rejects.
 
@@ -83,6 +85,7 @@ def load_streaming_dataset(
         data_files (`str` or `list` or `dict`, *optional*): Files to pick inside a Hub or folder source.
         dataset_config_name (`str`, *optional*): Configuration of a Hub dataset that has several.
         cache_dir (`str`, *optional*): Where `datasets` caches what it downloads.
+        generator_kwargs: Arguments of the generator, only with a generated source (`"shapes"`, `"polygons"`).
 
     Returns:
         `datasets.IterableDataset` with at least `image_column` and `caption_column`.
@@ -96,6 +99,7 @@ def load_streaming_dataset(
         cache_dir=cache_dir,
         dataset_config_name=dataset_config_name,
         streaming=True,
+        **generator_kwargs,
     )
     return _undecoded(dataset, image_column)
 

@@ -1,5 +1,6 @@
 import io
 import itertools
+import json
 import tarfile
 
 import datasets
@@ -69,6 +70,17 @@ def webdataset_folder(tmp_path_factory):
                     info = tarfile.TarInfo(f"{row:06d}.{extension}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """The same rows as an imagefolder: `<row>.png` files and a metadata.jsonl of captions."""
+    folder = tmp_path_factory.mktemp("imagefolder")
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for row in range(NUM_SHARDS * ROWS_PER_SHARD):
+            (folder / f"{row:06d}.png").write_bytes(image_bytes(row))
+            metadata.write(json.dumps({"file_name": f"{row:06d}.png", "text": f"caption {row}"}) + "\n")
     return folder
 
 
@@ -152,12 +164,14 @@ def test_bad_images_are_skipped_and_counted(webdataset_folder):
     assert len(pixels) == GOOD
 
 
-def test_streamed_images_match_the_prepared_dataset(parquet_glob, tmp_path):
+@pytest.mark.parametrize("source", ["parquet_glob", "image_folder"])
+def test_streamed_images_match_the_prepared_dataset(source, request, tmp_path):
+    source = str(request.getfixturevalue(source))
     transform = ImageTransform(8)  # centre crop: no random draw, so each image has one expected tensor
-    dataset, _ = prepare_image_dataset(load_image_caption_dataset(parquet_glob, cache_dir=str(tmp_path)))
+    dataset, _ = prepare_image_dataset(load_image_caption_dataset(source, cache_dir=str(tmp_path)))
     expected = {row["text"]: transform(row["image"]) for row in dataset}
 
-    streamed = load_streaming_dataset(parquet_glob)
+    streamed = load_streaming_dataset(source)
     pixels, _ = read_epochs(make_batches(streamed, transform=transform, per_process=1))[0]
     assert pixels.keys() == expected.keys()
     assert all(torch.equal(pixels[caption], expected[caption]) for caption in expected)
@@ -170,6 +184,14 @@ def test_webdataset_and_parquet_shards_stream_the_same_rows(parquet_glob, webdat
     )
     assert webdataset.num_shards == NUM_SHARDS
     assert sorted(row["txt"] for row in webdataset) == sorted(row["text"] for row in parquet)
+
+
+def test_generated_dataset_streams_its_rows():
+    dataset = load_streaming_dataset("shapes", num_images=12, size=16, seed=3)
+    generated = load_image_caption_dataset("shapes", num_images=12, size=16, seed=3)
+    pixels, skipped = read_epochs(make_batches(dataset, per_process=1, num_processes=2, process_index=1))[0]
+    assert skipped == {"corrupt": 0, "too small": 0}
+    assert len(pixels) == 6 and set(pixels) <= set(generated["text"])
 
 
 def test_streamed_rows_are_not_decoded(webdataset_folder):
