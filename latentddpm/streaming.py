@@ -283,8 +283,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             rejecting_since = position[0] if rejecting_since is None else rejecting_since
             if position[0] > rejecting_since + 1:  # a whole epoch of this substream without a usable image
                 raise ValueError(
-                    f"No usable image in column {self.image_column!r} of process {self.process_index}'s substream "
-                    f"{position}; min_image_size={self.min_image_size}."
+                    f"No usable image in column {self.image_column!r} in a whole epoch of process "
+                    f"{self.process_index}'s part of the stream; min_image_size={self.min_image_size}."
                 )
         return images, captions, skipped, position
 

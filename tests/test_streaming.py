@@ -218,3 +218,23 @@ def test_state_takes_batches_in_order():
     assert state.positions == [(0, 4), (0, 0)]
     with pytest.raises(ValueError, match="Expected micro-batch 1, got 2"):
         state.update({"micro_step": 2, "position": (0, 9)})
+
+
+def in_memory_stream(rows: list[int]):
+    features = Features({"image": ImageFeature(), "text": Value("string")})
+    images = [{"bytes": image_bytes(row), "path": None} for row in rows]
+    return Dataset.from_dict(
+        {"image": images, "text": [f"caption {row}" for row in rows]}, features
+    ).to_iterable_dataset()
+
+
+def test_a_stream_without_usable_images_raises():
+    batches = make_batches(in_memory_stream(sorted(CORRUPT | TOO_SMALL)))
+    with pytest.raises(ValueError, match=r"^No usable image in column 'image'"):
+        next(iter(batches))
+
+
+def test_a_process_without_rows_raises():
+    batches = make_batches(in_memory_stream([0]), process_index=1, num_processes=2)
+    with pytest.raises(ValueError, match=r"fewer rows than num_processes \* max\(1, num_workers\) = 2"):
+        next(iter(batches))
