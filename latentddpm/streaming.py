@@ -190,7 +190,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             )
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
-        # Only the two columns are read: parquet skips the others on disk.
+        # Only the two columns go through the shuffle buffer and to the workers.
         self.dataset = _undecoded(dataset, image_column).select_columns([image_column, caption_column])
         self.transform = transform
         self.per_process = per_process
