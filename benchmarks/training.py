@@ -37,8 +37,10 @@ times swing by up to 10x.
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -52,12 +54,12 @@ from transformers.utils import logging as transformers_logging
 
 from benchmarks.unet import build_models, make_batch, peak_allocated, synchronize
 from latentddpm.batching import ShuffledStream, step_generator
-from latentddpm.cache import build_latent_cache
+from latentddpm.cache import LatentCache, build_latent_cache, finish_latent_cache
 from latentddpm.config import parse_config
 from latentddpm.configs import config_path
 from latentddpm.data.shapes import make_shapes_dataset
 from latentddpm.data.transforms import ImageTransform
-from latentddpm.latents import encode_images, vae_scale_factor
+from latentddpm.latents import encode_images, scale_latents, vae_scale_factor
 from latentddpm.losses import Objective, training_loss
 from latentddpm.schedulers import DDPMNoiseScheduler
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
@@ -238,8 +240,10 @@ def compare_caching(
     # Four batches' worth of images: the data path does not get slower with more, only the cache build does.
     dataset = make_shapes_dataset(num_images=4 * args.batch, size=config.resolution, seed=args.seed)
     transform = ImageTransform(config.resolution, center_crop=config.center_crop)
-    cache = build_latent_cache(
+    folder = tempfile.mkdtemp(prefix="benchmark-cache-")
+    build_latent_cache(
         dataset,
+        folder,
         image_column="image",
         caption_column="text",
         transform=transform,
@@ -252,6 +256,8 @@ def compare_caching(
         show_progress=False,
         seed=args.seed,
     )
+    finish_latent_cache(folder)
+    cache = LatentCache(folder)  # the default float16 storage: what train_ldm reads
     pixels = torch.stack([transform(image) for image in dataset["image"]])
     captions = dataset["text"]
     stream = ShuffledStream(len(dataset), args.batch, seed=args.seed)
@@ -272,8 +278,9 @@ def compare_caching(
     def cached(i: int) -> None:
         start = time.perf_counter()
         generator = step_generator(args.seed, i)
-        latents, caption_ids, _ = cache.draw(stream.indices(i), vae, generator, caption_dropout=config.caption_dropout)
-        train_on("cached", i, start, latents, *cache.text(caption_ids), generator)
+        drawn = cache.draw(stream.indices(i), generator, caption_dropout=config.caption_dropout)
+        latents = scale_latents(vae, drawn["latents"])
+        train_on("cached", i, start, latents, *cache.text(drawn["caption_ids"]), generator)
 
     def on_the_fly(i: int) -> None:
         start = time.perf_counter()
@@ -288,6 +295,7 @@ def compare_caching(
         train_on("on the fly", i, start, latents.float(), hidden.float(), mask, generator)
 
     seconds = median_seconds({"cached": cached, "on the fly": on_the_fly}, args)
+    shutil.rmtree(folder)
     return {"seconds": seconds, "data_seconds": {name: statistics.median(v) for name, v in data_seconds.items()}}
 
 

@@ -159,9 +159,9 @@ class PairedStream:
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Item `m`: micro-batch `m` of one process, drawn from a latent cache (`LatentCache.draw`), as a dict of `rows`,
-    `latents` (raw: before `scale_latents`), `caption_ids`, `loss_mask` (or None) and `generator_state`, the state of
-    the micro-batch's `step_generator` after the draws, from which the training step draws on (noise, timesteps).
+    """Item `m`: micro-batch `m` of one process, drawn from a latent cache: its `rows`, what `LatentCache.draw` returns
+    (`latents` before `scale_latents`, `caption_ids`, `loss_mask`, `time_ids`) and `generator_state`, the state of the
+    micro-batch's `step_generator` after the draws, from which the training step draws on (noise, timesteps).
 
     A pure function of `m`, so a `DataLoader` with workers can read ahead (the shards are memory-mapped in each worker)
     while the step runs, and the step sees exactly the draws it would have made itself.
@@ -174,14 +174,8 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, micro_step: int) -> dict:
         rows = self.stream.indices(micro_step, self.process_index)
         generator = step_generator(self.seed, micro_step, self.process_index)
-        latents, caption_ids, loss_mask = self.cache.draw(rows, generator, self.caption_dropout)
-        return {
-            "rows": rows,
-            "latents": latents,
-            "caption_ids": caption_ids,
-            "loss_mask": loss_mask,
-            "generator_state": generator.get_state(),
-        }
+        drawn = self.cache.draw(rows, generator, self.caption_dropout)
+        return {"rows": rows, **drawn, "generator_state": generator.get_state()}
 
     def loader(self, start: int, stop: int, num_workers: int = 0, pin_memory: bool = False):
         """A `DataLoader` of micro-batches `start, ..., stop - 1` in order, `num_workers` reading ahead."""

@@ -19,6 +19,8 @@ group without aspect-ratio buckets; with them, one per bucket, in bucket order).
 - `caption_ids.g` `(n, K)`: indices into the caption rows for each image's K captions, -1 where an image has fewer.
 - `loss_mask.g` `(n, F, 1, h, w)`, only when built with `loss_mask=True`: each view's alpha channel (ones for an
   opaque image) averaged down to the latent grid, the weights of `masked_loss` training.
+- `time_ids.g` `(n, F, 6)`, only when built with `time_ids=True`: each view's SDXL micro-conditioning, (original
+  height, width, crop top, crop left, height, width) (`ImageTransform.with_time_ids`).
 The cache's rows are the groups' rows, shard after shard, group after group.
 
 Text shards `text-00000.safetensors` (only with `cache_text`) hold `text_hidden` `(n, S, D)` and `text_mask` `(n, S)`
@@ -43,6 +45,7 @@ from datasets import Image as ImageFeature
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .buckets import nearest_bucket
 from .data.images import decode_rgb
 from .latents import encode_posterior, scale_latents
 from .text import encode_prompt
@@ -118,7 +121,8 @@ class LatentCache:
                 self.groups.append(_Group(start, group["rows"], group_tensors))
                 start += group["rows"]
         self._starts = torch.tensor([group.start for group in self.groups])
-        self.has_loss_mask = "loss_mask" in self.groups[0].tensors if self.groups else False
+        self.has_loss_mask = "loss_mask" in self.groups[0].tensors
+        self.has_time_ids = "time_ids" in self.groups[0].tensors
         self._text = [open_safetensors(folder / name)[0] for name in self.index["text_shards"]]
         self._text_starts = torch.tensor([0, *np.cumsum([len(t["text_mask"]) for t in self._text])[:-1].tolist()])
 
@@ -178,13 +182,14 @@ class LatentCache:
         generator: torch.Generator,
         caption_dropout: float = 0.0,
         sample_posterior: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Raw latents and caption rows for cache rows `indices` (CPU tensors; move them yourself).
+    ) -> dict[str, torch.Tensor | None]:
+        """Raw latents and caption rows for cache rows `indices`, all of one latent size (CPU tensors; move them
+        yourself).
 
         Draws, with `generator`: the view (mirror or not), one caption per image, caption dropout to the empty
-        prompt, and the posterior sample. Returns `(latents (B, C, h, w), caption_ids (B,), loss_mask)`, the latents
-        before `scale_latents`, `caption_ids` indexing the caption rows (see `text` and `prompt`), `loss_mask`
-        `(B, 1, h, w)` the drawn views' masks (None when the cache has none).
+        prompt, and the posterior sample. Returns a dict of `latents` `(B, C, h, w)` before `scale_latents`,
+        `caption_ids` `(B,)` indexing the caption rows (see `text` and `prompt`), and the drawn views' `loss_mask`
+        `(B, 1, h, w)` and `time_ids` `(B, 6)` (None when the cache has none).
         """
         b = indices.shape[0]
         views = torch.randint(0, self.index["views"], (b,), generator=generator)
@@ -198,8 +203,12 @@ class LatentCache:
         caption = ids[torch.arange(b), pick]
         drop = torch.rand(b, generator=generator) < caption_dropout
         caption = torch.where(drop, torch.full_like(caption, self.empty_prompt_id), caption)
-        loss_mask = self.gather("loss_mask", indices)[torch.arange(b), views].float() if self.has_loss_mask else None
-        return latents, caption, loss_mask
+        out = {"latents": latents, "caption_ids": caption, "loss_mask": None, "time_ids": None}
+        if self.has_loss_mask:
+            out["loss_mask"] = self.gather("loss_mask", indices)[torch.arange(b), views].float()
+        if self.has_time_ids:
+            out["time_ids"] = self.gather("time_ids", indices)[torch.arange(b), views]
+        return out
 
     def text(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached `(hidden (B, S, D), mask (B, S))` of caption rows `caption_ids` (B,), hidden in float32."""
@@ -217,7 +226,7 @@ class LatentCache:
         return hidden, mask
 
 
-_KEYS = ("latent_mean", "latent_std", "caption_ids", "loss_mask")
+_KEYS = ("latent_mean", "latent_std", "caption_ids", "loss_mask", "time_ids")
 
 
 def cache_is_complete(folder: str | Path) -> bool:
@@ -296,6 +305,8 @@ def build_latent_cache(
     use_attention_mask: bool = True,
     loss_mask: bool = False,
     min_image_size: int = 8,
+    buckets: list[tuple[int, int]] | None = None,
+    time_ids: bool = False,
     process_index: int = 0,
     num_processes: int = 1,
     show_progress: bool = True,
@@ -307,7 +318,9 @@ def build_latent_cache(
     shard number fix its random crops, so the same inputs give the same cache whatever the number of processes.
     `use_attention_mask` is passed to `encode_prompt` (how the model being trained reads the text). `loss_mask` also
     keeps each image's alpha channel (`transform.with_alpha`), averaged over each latent pixel's patch. Images that do
-    not decode, or have a side below `min_image_size`, are skipped and counted in the shard's metadata.
+    not decode, or have a side below `min_image_size`, are skipped and counted in the shard's metadata. With
+    `buckets` (`(height, width)` sizes, `latentddpm.buckets`), each image is resized and cropped to the bucket of its
+    aspect ratio instead of the square; `time_ids` also keeps each view's size and crop (SDXL's micro-conditioning).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -336,26 +349,28 @@ def build_latent_cache(
     for shard in latent_shards:
         start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
         generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
-        encoder = _ShardEncoder(vae, views, batch_size, device, loss_mask)
+        encoder = _ShardEncoder(vae, views, batch_size, device)
         skipped = {"corrupt": 0, "too small": 0}
         for offset, image in enumerate(dataset[start:stop][image_column]):
             rgb, reason = decode_rgb(image, min_size=min_image_size)
+            progress.update(1)
             if reason is not None:
                 skipped[reason] += 1
-            elif loss_mask:
-                encoder.add(start + offset, *transform.with_alpha(image, generator))
+                continue
+            size = nearest_bucket(*rgb.size, buckets) if buckets else None
+            ids = _time_ids(transform, rgb, size, generator) if time_ids else None
+            if loss_mask:
+                encoder.add(start + offset, *transform.with_alpha(image, generator, size), ids)
             else:
-                encoder.add(start + offset, transform(rgb, generator=generator))
-            progress.update(1)
+                encoder.add(start + offset, transform(rgb, generator, size), None, ids)
         tensors, groups = {}, []
-        for name, (rows, mean, std, alpha) in encoder.finish().items():
+        for name, (rows, mean, std, extra) in encoder.finish().items():
             ids = torch.full((len(rows), width), -1, dtype=torch.long)
             for row, source_row in enumerate(rows):
                 ids[row, : len(captions[source_row])] = torch.tensor([index[c] for c in captions[source_row]])
             tensors |= {f"latent_mean.{name}": mean.to(dtype), f"latent_std.{name}": std.to(dtype)}
             tensors[f"caption_ids.{name}"] = ids
-            if alpha is not None:
-                tensors[f"loss_mask.{name}"] = alpha
+            tensors |= {f"{key}.{name}": value for key, value in extra.items()}  # loss_mask, time_ids
             groups.append({"name": name, "rows": len(rows)})
         _write_shard(tensors, _shard_path(folder, layout, shard), {"groups": groups, "skipped": skipped})
     progress.close()
@@ -374,44 +389,58 @@ def build_latent_cache(
         _write_shard({"text_hidden": torch.cat(hidden), "text_mask": torch.cat(mask)}, path, {})
 
 
+def _time_ids(transform, rgb, size: tuple[int, int] | None, generator: torch.Generator) -> torch.Tensor:
+    """`(2, 6)`: the SDXL time ids of the image and of its mirror (the crop's left edge seen from the other side), from
+    a copy of `generator`, whose draws the transform then makes itself."""
+    copy = torch.Generator()
+    copy.set_state(generator.get_state())
+    (_, resized_width), (top, left) = transform.crop_box((rgb.height, rgb.width), size, copy)
+    height, width = size or (transform.resolution, transform.resolution)
+    mirror_left = resized_width - left - width
+    return torch.tensor([[rgb.height, rgb.width, top, x, height, width] for x in (left, mirror_left)])
+
+
 class _ShardEncoder:
     """Encodes a shard's images a batch at a time, a batch per image size (aspect-ratio bucket), so that memory holds
-    at most a batch of pixels per size; `finish` returns, per size, the source rows and their posterior moments."""
+    at most a batch of pixels per size; `finish` returns, per size, the source rows, their posterior moments and
+    their loss masks and time ids where there are any."""
 
-    def __init__(self, vae, views: int, batch_size: int, device, loss_mask: bool):
-        self.vae, self.views, self.batch_size, self.device, self.loss_mask = vae, views, batch_size, device, loss_mask
-        self.pending: dict[tuple[int, int], list] = {}  # image size -> [(source row, pixels, alpha)]
-        self.done: dict[tuple[int, int], list] = {}  # image size -> [(rows, mean, std, alpha)] per encoded batch
+    def __init__(self, vae, views: int, batch_size: int, device):
+        self.vae, self.views, self.batch_size, self.device = vae, views, batch_size, device
+        self.pending: dict[tuple[int, int], list] = {}  # image size -> [(source row, pixels, alpha, time ids)]
+        self.done: dict[tuple[int, int], list] = {}  # image size -> [(rows, mean, std, extra)] per encoded batch
 
-    def add(self, row: int, pixels: torch.Tensor, alpha: torch.Tensor | None = None) -> None:
+    def add(self, row: int, pixels: torch.Tensor, alpha: torch.Tensor | None, time_ids: torch.Tensor | None) -> None:
         size = tuple(pixels.shape[-2:])
-        self.pending.setdefault(size, []).append((row, pixels, alpha))
+        self.pending.setdefault(size, []).append((row, pixels, alpha, time_ids))
         if len(self.pending[size]) == self.batch_size:
             self._encode(size)
 
     def _encode(self, size: tuple[int, int]) -> None:
-        rows, pixels, alphas = zip(*self.pending.pop(size))
+        rows, pixels, alphas, time_ids = zip(*self.pending.pop(size))
         batch = torch.stack(pixels).to(self.device, self.vae.dtype)
         moments = [encode_posterior(self.vae, view) for view in [batch, batch.flip(-1)][: self.views]]
         mean = torch.stack([m.float().cpu() for m, _ in moments], dim=1)  # (B, views, C, h, w)
         std = torch.stack([s.float().cpu() for _, s in moments], dim=1)
-        alpha = None
-        if self.loss_mask:
+        extra = {}
+        if alphas[0] is not None:
             # Area averaging: a latent pixel's weight is the opacity of the image patch it encodes.
             alpha = F.interpolate(torch.stack(alphas), size=mean.shape[-2:], mode="area")
-            alpha = torch.stack([alpha, alpha.flip(-1)][: self.views], dim=1)
-        self.done.setdefault(size, []).append((list(rows), mean, std, alpha))
+            extra["loss_mask"] = torch.stack([alpha, alpha.flip(-1)][: self.views], dim=1)
+        if time_ids[0] is not None:
+            extra["time_ids"] = torch.stack(time_ids)[:, : self.views]
+        self.done.setdefault(size, []).append((list(rows), mean, std, extra))
 
-    def finish(self) -> dict[str, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Per latent size `"hxw"`, in the order of image sizes: `(source rows, mean, std, loss mask or None)`."""
+    def finish(self) -> dict[str, tuple[list[int], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """Per latent size `"hxw"`, in the order of image sizes: `(source rows, mean, std, {loss_mask, time_ids})`."""
         for size in list(self.pending):
             self._encode(size)
         out = {}
         for size in sorted(self.done):
-            rows, means, stds, alphas = zip(*self.done[size])
+            rows, means, stds, extras = zip(*self.done[size])
             mean = torch.cat(means)
-            name = f"{mean.shape[-2]}x{mean.shape[-1]}"
-            out[name] = (sum(rows, []), mean, torch.cat(stds), torch.cat(alphas) if self.loss_mask else None)
+            extra = {key: torch.cat([e[key] for e in extras]) for key in extras[0]}
+            out[f"{mean.shape[-2]}x{mean.shape[-1]}"] = (sum(rows, []), mean, torch.cat(stds), extra)
         return out
 
 

@@ -330,9 +330,11 @@ class DataConfig:
     shapes_holdout: list[str] = dataclasses.field(default_factory=list)  # shapes: captions never trained on
     polygons_shapes_fraction: float = fraction(0.25)  # polygons dataset: fraction that are shapes images
 
-    def load_dataset(self, seed: int):
-        """The raw `datasets.Dataset` this config names (images not yet decoded or checked)."""
+    def load_dataset(self, seed: int, streaming: bool = False):
+        """The raw `datasets.Dataset` this config names (images not yet decoded or checked); with `streaming`, a
+        `datasets.IterableDataset` of it whose images are never decoded when read (`load_streaming_dataset`)."""
         from .data.sources import load_image_caption_dataset
+        from .streaming import load_streaming_dataset
 
         generator_kwargs = {}
         if self.dataset in ("shapes", "polygons"):
@@ -341,7 +343,8 @@ class DataConfig:
             )
         if self.dataset == "polygons":
             generator_kwargs["shapes_fraction"] = self.polygons_shapes_fraction
-        return load_image_caption_dataset(
+        load = load_streaming_dataset if streaming else load_image_caption_dataset
+        return load(
             self.dataset,
             image_column=self.image_column,
             caption_column=self.caption_column,

@@ -33,9 +33,12 @@ once per epoch and substream, which the prefetched batches cover only partly.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +67,7 @@ def load_streaming_dataset(
     split: str = "train",
     image_column: str = "image",
     caption_column: str = "text",
+    max_train_samples: int | None = None,
     data_files: str | list[str] | dict[str, str | list[str]] | None = None,
     dataset_config_name: str | None = None,
     cache_dir: str | None = None,
@@ -82,6 +86,7 @@ def load_streaming_dataset(
         split (`str`, defaults to `"train"`): Split to stream.
         image_column (`str`, defaults to `"image"`): Column holding the images (`"png"`, `"jpg"`... for webdataset).
         caption_column (`str`, defaults to `"text"`): Column holding the captions (`"txt"` for webdataset).
+        max_train_samples (`int`, *optional*): Stream only the first this many rows.
         data_files (`str` or `list` or `dict`, *optional*): Files to pick inside a Hub or folder source.
         dataset_config_name (`str`, *optional*): Configuration of a Hub dataset that has several.
         cache_dir (`str`, *optional*): Where `datasets` caches what it downloads.
@@ -95,6 +100,7 @@ def load_streaming_dataset(
         split=split,
         image_column=image_column,
         caption_column=caption_column,
+        max_train_samples=max_train_samples,
         data_files=data_files,
         cache_dir=cache_dir,
         dataset_config_name=dataset_config_name,
@@ -122,6 +128,7 @@ class StreamingState:
     num_workers: int
     micro_step: int = 0
     positions: list[Position] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=lambda: {"corrupt": 0, "too small": 0})  # images, by reason
 
     def __post_init__(self):
         if not self.positions:
@@ -133,7 +140,29 @@ class StreamingState:
         if batch["micro_step"] != self.micro_step:
             raise ValueError(f"Expected micro-batch {self.micro_step}, got {batch['micro_step']}: out of order.")
         self.positions[self.micro_step % len(self.positions)] = tuple(batch["position"])
+        self.skipped = {reason: count + batch["skipped"][reason] for reason, count in self.skipped.items()}
         self.micro_step += 1
+
+    def register_for_checkpointing(self, accelerator) -> None:
+        """Save and load this process's state with every `accelerator.save_state` / `load_state`, as
+        `stream_state_{process_index}.json` (each process streams its own rows; accelerate calls the hooks on each)."""
+
+        def path(folder: str) -> Path:
+            return Path(folder) / f"stream_state_{accelerator.process_index}.json"
+
+        def save_hook(models, weights, folder: str) -> None:
+            path(folder).parent.mkdir(parents=True, exist_ok=True)
+            path(folder).write_text(json.dumps(dataclasses.asdict(self)))
+
+        def load_hook(models, folder: str) -> None:
+            if not path(folder).is_file():
+                raise FileNotFoundError(f"{path(folder)} is missing: the checkpoint is not of a streaming run.")
+            saved = StreamingState(**json.loads(path(folder).read_text()))
+            self.num_workers, self.micro_step, self.positions = saved.num_workers, saved.micro_step, saved.positions
+            self.skipped = saved.skipped
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
 
 
 class StreamingBatches(torch.utils.data.IterableDataset):

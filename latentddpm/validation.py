@@ -43,11 +43,13 @@ def validation_loss(
         size_rows = rows[torch.isin(rows, size_rows)]
         if not len(size_rows):
             continue
-        latents, caption_ids, loss_mask = cache.draw(size_rows, generator, caption_dropout=0.0)
-        hidden, mask = (text or cache.text)(caption_ids)
+        drawn = cache.draw(size_rows, generator, caption_dropout=0.0)
+        hidden, mask = (text or cache.text)(drawn["caption_ids"])
         hidden, mask = hidden.to(device), None if mask is None else mask.to(device)
-        latents = scale_latents(vae, latents).to(device)
-        loss, _ = training_loss(unet, scheduler, latents, hidden, mask, objective, generator, loss_mask)
+        latents = scale_latents(vae, drawn["latents"]).to(device)
+        loss, _ = training_loss(
+            unet, scheduler, latents, hidden, mask, objective, generator, drawn["loss_mask"], drawn["time_ids"]
+        )
         total += loss.item() * len(size_rows)
     return total / len(rows)
 

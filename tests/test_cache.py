@@ -118,8 +118,8 @@ def test_micro_batch_is_the_draw_of_its_step_generator(single):
     stream = ShuffledStream(N, per_process=4, num_processes=2, seed=0)
     batch = MicroBatches(single, stream, seed=5, process_index=1, caption_dropout=0.5)[3]
     generator = step_generator(5, 3, 1)
-    latents, caption_ids, _ = single.draw(stream.indices(3, 1), generator, caption_dropout=0.5)
-    assert torch.equal(batch["latents"], latents) and torch.equal(batch["caption_ids"], caption_ids)
+    drawn = single.draw(stream.indices(3, 1), generator, caption_dropout=0.5)
+    assert torch.equal(batch["latents"], drawn["latents"]) and torch.equal(batch["caption_ids"], drawn["caption_ids"])
     assert torch.equal(batch["generator_state"], generator.get_state())
     loader = list(MicroBatches(single, stream, seed=5, process_index=1).loader(2, 5, num_workers=1))
     assert [batch["rows"].tolist() for batch in loader] == [stream.indices(m, 1).tolist() for m in (2, 3, 4)]

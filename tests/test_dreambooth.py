@@ -198,7 +198,7 @@ def test_alpha_channel_becomes_the_latent_loss_mask_of_each_view(pipe, tmp_path)
     assert loss_mask.shape == (2, 2, 1, 8, 8)
     assert torch.equal(loss_mask[0, 0], left) and torch.equal(loss_mask[0, 1], left.flip(-1))
     assert torch.equal(loss_mask[1], torch.ones((2, 1, 8, 8)))  # opaque: everywhere
-    _, _, drawn = cache.draw(torch.tensor([0, 0, 1]), seeded(0))
+    drawn = cache.draw(torch.tensor([0, 0, 1]), seeded(0))["loss_mask"]
     assert drawn.shape == (3, 1, 8, 8)
 
 

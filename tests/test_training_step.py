@@ -47,8 +47,8 @@ def first_step(tiny_vae, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("step")
     recorded = []
 
-    def recording_losses(unet, scheduler, latents, hidden, mask, objective, generator, loss_mask):
-        assert loss_mask is None  # no masked_loss
+    def recording_losses(unet, scheduler, latents, hidden, mask, objective, generator, loss_mask, time_ids):
+        assert loss_mask is None and time_ids is None  # no masked_loss, no size_conditioning
         inputs = dict(
             weights={k: v.clone() for k, v in unet.state_dict().items()},
             latents=latents.clone(),
@@ -96,8 +96,8 @@ def test_train_ldm_step_feeds_training_loss_the_step_batch(first_step, tiny_vae)
     vae = AutoencoderKL.from_pretrained(str(tiny_vae))
     rows = ShuffledStream(len(cache) - 8, BATCH, seed=SEED).indices(0)  # tiny_ldm.yaml holds out 8 rows
     generator = step_generator(SEED, 0, 0)
-    latents, caption_ids, _ = cache.draw(rows, generator, caption_dropout=0.1)
-    latents = scale_latents(vae, latents)
+    drawn = cache.draw(rows, generator, caption_dropout=0.1)
+    latents, caption_ids = scale_latents(vae, drawn["latents"]), drawn["caption_ids"]
     hidden, mask = cache.text(caption_ids)
     assert torch.equal(step["latents"], latents)
     assert torch.equal(step["hidden"], hidden) and torch.equal(step["mask"], mask)
@@ -140,8 +140,8 @@ def test_validation_loss_is_the_training_loss_on_held_out_rows(first_step, tiny_
     got = validation_loss(unet, scheduler, cache, rows, vae, step["objective"], seed=SEED)
 
     generator = step_generator(SEED, micro_step=0, process_index=10_000)  # validation's fixed draws
-    latents, caption_ids, _ = cache.draw(rows, generator, caption_dropout=0.0)
-    latents = scale_latents(vae, latents)
+    drawn = cache.draw(rows, generator, caption_dropout=0.0)
+    latents, caption_ids = scale_latents(vae, drawn["latents"]), drawn["caption_ids"]
     with torch.no_grad():
         oracle_scheduler = DDPMScheduler.from_config(step["scheduler_config"])
         expected = oracle_loss(unet, oracle_scheduler, latents, *cache.text(caption_ids), generator)

@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,12 +38,20 @@ from typing import Any, Literal
 
 import torch
 from accelerate.logging import get_logger
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from latentddpm.batching import MicroBatches, PairedStream, ShuffledStream, seed_global_rng
+from latentddpm.batching import (
+    BucketedStream,
+    MicroBatches,
+    PairedStream,
+    ShuffledStream,
+    seed_global_rng,
+    step_generator,
+)
+from latentddpm.buckets import aspect_ratio_buckets, bucket_multiple, bucket_name
 from latentddpm.cache import (
     LatentCache,
     build_latent_cache,
@@ -76,7 +85,7 @@ from latentddpm.dreambooth import (
 )
 from latentddpm.ema import ShardedEMAModel
 from latentddpm.hub import STAGING, HubStrategy, HubUploader, hardware_description
-from latentddpm.latents import scale_latents, vae_scale_factor
+from latentddpm.latents import encode_posterior, scale_latents, vae_scale_factor
 from latentddpm.lora import (
     UNET_LORA_TARGETS,
     add_text_encoder_lora,
@@ -99,6 +108,7 @@ from latentddpm.pipelines.model_card import (
 )
 from latentddpm.runs import LR_SCHEDULERS, RunState, TrainingRun, find_checkpoint, start_run
 from latentddpm.schedulers import DDPMNoiseScheduler
+from latentddpm.streaming import StreamingBatches, StreamingState, streaming_loader
 from latentddpm.text import default_text_encoder_path, encode_prompt, load_text_encoder
 from latentddpm.validation import ema_weights, evaluation_dir, run_evaluation, run_validation
 
@@ -111,6 +121,7 @@ NEW_MODEL_NOISE_SCHEDULER = {
     "prediction_type": "v_prediction",
     "clip_sample": False,
 }
+SIZE_CONDITIONING_DIM = 256  # each size and crop number's sinusoidal embedding, as SDXL's
 NOISE_SCHEDULER_KEYS = sorted(set(inspect.signature(DDPMNoiseScheduler.__init__).parameters) - {"self"})
 
 
@@ -222,8 +233,24 @@ class TrainLDMConfig(DataConfig):
     # Cache the text embeddings of every unique caption (True), or encode each batch's captions with the frozen text
     # encoder as the step runs (False: no text shards; BENCHMARKS.md, data_scale, says when that is faster)
     cache_text_embeddings: bool = True
-    # DataLoader workers reading cached micro-batches ahead of the step (0: the training process reads them itself)
+    # DataLoader workers reading micro-batches ahead of the step (0: the training process reads them itself); a
+    # streaming run resumes with the same number
     dataloader_num_workers: int = non_negative(1)
+    # --- data at scale ---
+    # Aspect-ratio buckets: each image is resized and cropped to the bucket nearest its aspect ratio, of about
+    # resolution**2 pixels with sides in multiples the VAE and U-Net accept, and every batch is from one bucket
+    # (latentddpm.buckets); the bucket histogram is logged. Off: the square `resolution` crop.
+    aspect_ratio_buckets: bool = False
+    max_aspect_ratio: float = positive(2.0)  # the most elongated bucket (long side / short side)
+    # SDXL's micro-conditioning (Podell et al. 2023) on each image's original size and crop, through the U-Net's added
+    # time embedding (a fresh U-Net gets `addition_time_embed_dim`), so crops do not leak into samples; the pipeline
+    # then samples "uncropped" at the size asked for.
+    size_conditioning: bool = False
+    # Stream the dataset (`datasets` streaming: the Hub, parquet, webdataset tar shards) and encode each batch as the
+    # step runs, with no cache: data larger than the disk. Resumes exactly (each process's stream position is in the
+    # checkpoints; latentddpm.streaming).
+    streaming: bool = False
+    shuffle_buffer: int = positive(1000)  # streaming: rows shuffled together (after the shard order)
     torch_threads: int | None = positive(None)  # torch.set_num_threads on CPU (None = torch default)
     # With torch_threads None, on CPU: fewer threads than cores when other processes keep cores busy (measured at
     # start, logged; latentddpm.threads). Off by default: results then depend on the machine's load, bit for bit.
@@ -292,6 +319,18 @@ class TrainLDMConfig(DataConfig):
                 "checkpointing_steps > 0."
             )
         self.validate_dreambooth()
+        self.validate_data_at_scale()
+
+    def validate_data_at_scale(self) -> None:
+        features = [key for key in ("aspect_ratio_buckets", "size_conditioning", "masked_loss") if getattr(self, key)]
+        if self.streaming and (features or self.instance_data or self.num_validation_samples):
+            unsupported = features + ["instance_data"] * bool(self.instance_data)
+            unsupported += ["num_validation_samples"] * bool(self.num_validation_samples)
+            raise ConfigError(f"Config key 'streaming' does not work with {unsupported} (they need the latent cache).")
+        if self.aspect_ratio_buckets and self.instance_data:
+            raise ConfigError("Config key 'aspect_ratio_buckets' does not work with DreamBooth's 'instance_data'.")
+        if self.max_aspect_ratio < 1:
+            raise ConfigError(f"Config key 'max_aspect_ratio' must be >= 1, got {self.max_aspect_ratio}.")
 
     def validate_dreambooth(self) -> None:
         if self.instance_data is None:
@@ -352,12 +391,21 @@ class Models:
 
 @dataclass
 class Data:
-    cache: LatentCache  # latents (posterior moments) and text embeddings of every row
-    stream: ShuffledStream | PairedStream  # the training rows of each micro-step and process
+    """The cached data (latent cache and the stream of its rows), or with `streaming` the streamed dataset."""
+
+    cache: LatentCache | None  # latents (posterior moments) and text embeddings of every row
+    stream: ShuffledStream | PairedStream | BucketedStream | None  # the training rows of each micro-step and process
     validation_rows: torch.Tensor  # rows held out for the validation loss
     manifest: dict  # what produced this run (config, data fingerprint, cache key, versions)
     # With prior preservation, how many rows of each micro-batch are instance rows (the rest are class rows)
     num_instance_rows: int | None = None
+    streamed: IterableDataset | None = None  # with `streaming`: the dataset, images not decoded
+    stream_state: StreamingState | None = None  # with `streaming`: where this process's stream stands (checkpointed)
+
+    @property
+    def num_rows(self) -> int | None:
+        """The rows trained on (None when streaming: unknown until read)."""
+        return None if self.stream is None else self.stream.num_rows
 
 
 @dataclass
@@ -403,6 +451,7 @@ def build_unet(config: TrainLDMConfig, vae, text_encoder, noise_scheduler: DDPMN
     return ConditionalUNet.from_config(
         ConditionalUNet.load_config(config.unet_config),
         sample_size=config.resolution // vae_scale_factor(vae),
+        addition_time_embed_dim=SIZE_CONDITIONING_DIM if config.size_conditioning else None,
         in_channels=in_channels,
         # The scheduler's learned variance needs a second set of channels (Nichol & Dhariwal 2021).
         out_channels=in_channels * (2 if learns_variance else 1),
@@ -431,6 +480,11 @@ def load_models(config: TrainLDMConfig) -> Models:
         text_encoder.pooler.requires_grad_(False)
     noise_scheduler = build_noise_scheduler(config, pretrained.get("scheduler_config"))
     unet = pretrained["unet"] if pretrained else build_unet(config, vae, text_encoder, noise_scheduler)
+    if config.size_conditioning and not unet.config.get("addition_time_embed_dim"):
+        raise ConfigError(
+            "Config key 'size_conditioning' needs a U-Net with 'addition_time_embed_dim' (a fresh model gets one); "
+            "the pretrained pipeline's has none."
+        )
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
@@ -475,7 +529,14 @@ def load_dreambooth_dataset(config: TrainLDMConfig, accelerator, models: Models)
     return Dataset.from_dict(columns), rows_fingerprint(rows), len(class_rows)
 
 
-def build_cache(config: TrainLDMConfig, accelerator, models: Models, dataset: Dataset, folder: Path) -> None:
+def bucket_histogram(rows_by_size: dict[tuple[int, int], torch.Tensor], factor: int) -> dict[str, int]:
+    """`{"HxW": images}` of each latent size's rows, in pixels (`factor`: the VAE's)."""
+    return {bucket_name((h * factor, w * factor)): len(rows) for (h, w), rows in rows_by_size.items()}
+
+
+def build_cache(
+    config: TrainLDMConfig, accelerator, models: Models, dataset: Dataset, folder: Path, buckets: list | None
+) -> None:
     """Every process encodes its shards of the latent cache (resuming a killed build), then the main process writes
     the index that completes it."""
     build_latent_cache(
@@ -497,6 +558,8 @@ def build_cache(config: TrainLDMConfig, accelerator, models: Models, dataset: Da
         use_attention_mask=models.use_attention_mask,
         loss_mask=config.masked_loss,
         min_image_size=config.min_image_size,
+        buckets=buckets,
+        time_ids=config.size_conditioning,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
         show_progress=accelerator.is_local_main_process,
@@ -512,8 +575,48 @@ def build_cache(config: TrainLDMConfig, accelerator, models: Models, dataset: Da
     accelerator.wait_for_everyone()
 
 
+def load_streamed_data(config: TrainLDMConfig, accelerator) -> Data:
+    """`streaming`: the dataset as a stream, and the state of this process's stream, saved with every checkpoint."""
+    streamed = config.load_dataset(config.seed, streaming=True)
+    state = StreamingState(num_workers=config.dataloader_num_workers)
+    state.register_for_checkpointing(accelerator)
+    manifest = build_manifest(config_to_dict(config), config.seed, f"streaming:{config.dataset}")
+    return Data(None, None, torch.arange(0), manifest, streamed=streamed, stream_state=state)
+
+
+def micro_batch_loader(config: TrainLDMConfig, accelerator, data: Data, start: int) -> Iterator[dict]:
+    """This process's micro-batches from micro-step `start` on, read ahead by `dataloader_num_workers`: drawn from the
+    latent cache (`MicroBatches`), or streamed images and captions (`StreamingBatches`, from `data.stream_state`)."""
+    num_workers, pin_memory = config.dataloader_num_workers, accelerator.device.type == "cuda"
+    if data.streamed is None:
+        batches = MicroBatches(data.cache, data.stream, config.seed, accelerator.process_index, config.caption_dropout)
+        stop = config.max_train_steps * accelerator.gradient_accumulation_steps
+        return iter(batches.loader(start, stop, num_workers, pin_memory))
+    if data.stream_state.micro_step != start:
+        raise ValueError(f"The stream stands at micro-step {data.stream_state.micro_step}, the run at {start}.")
+    batches = StreamingBatches(
+        data.streamed,
+        ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip),
+        per_process=config.train_batch_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        seed=config.seed,
+        start_micro_step=start,
+        positions=data.stream_state.positions,
+        image_column=config.image_column,
+        caption_column=config.caption_column,
+        min_image_size=config.min_image_size,
+        shuffle_buffer=config.shuffle_buffer,
+    )
+    batches.check_num_workers(num_workers)
+    return iter(streaming_loader(batches, num_workers, pin_memory))
+
+
 def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
-    """The latent cache (built by every process, keyed by content), the row stream and held-out rows."""
+    """The latent cache (built by every process, keyed by content), the row stream and held-out rows; or, with
+    `streaming`, the streamed dataset."""
+    if config.streaming:
+        return load_streamed_data(config, accelerator)
     if config.masked_loss and models.noise_scheduler.config.variance_type in ("learned", "learned_range"):
         raise ConfigError("Config key 'masked_loss' does not work with a learned variance (its VLB is per sample).")
     models.vae.to(accelerator.device)
@@ -538,12 +641,18 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
     if config.masked_loss:  # only then, so that the caches of earlier runs keep their keys
         key_parts["masked_loss"] = True
     key_parts |= dict(shard_size=config.cache_shard_size, dtype=config.cache_dtype, text=config.cache_text_embeddings)
+    buckets = None
+    if config.aspect_ratio_buckets:
+        multiple = bucket_multiple(models.vae, models.unet)
+        buckets = key_parts["buckets"] = aspect_ratio_buckets(config.resolution, multiple, config.max_aspect_ratio)
+    if config.size_conditioning:
+        key_parts["time_ids"] = True
     key = cache_key(**key_parts)
     folder = Path(config.cache_dir) / key
     if cache_is_complete(folder):
         logger.info(f"Reusing cached latents and text embeddings from {folder}")
     else:
-        build_cache(config, accelerator, models, dataset, folder)
+        build_cache(config, accelerator, models, dataset, folder, buckets)
     cache = LatentCache(folder)
     logger.info(f"Cache: {len(cache)} images, latent stats {latent_stats(cache, models.vae)}")
 
@@ -551,7 +660,13 @@ def load_data(config: TrainLDMConfig, accelerator, models: Models) -> Data:
     num_rows = len(cache) - num_class_rows - config.num_validation_samples
     if num_rows <= 0:
         raise ConfigError(f"num_validation_samples={config.num_validation_samples} leaves no training rows.")
-    stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
+    if buckets is None:
+        stream = ShuffledStream(num_rows, config.train_batch_size, accelerator.num_processes, seed=config.seed)
+    else:
+        sizes = {size: rows[rows < num_rows] for size, rows in cache.rows_by_size().items()}
+        factor = vae_scale_factor(models.vae)
+        logger.info(f"Aspect-ratio buckets (height x width: images): {bucket_histogram(sizes, factor)}")
+        stream = BucketedStream(list(sizes.values()), config.train_batch_size, accelerator.num_processes, config.seed)
     num_instance_rows = None
     if num_class_rows:  # each micro-batch: train_batch_size instance rows, then as many class rows
         class_stream = ShuffledStream(
@@ -637,13 +752,46 @@ def text_conditioning(
     The mask is None when cross-attention reads the padding too."""
     if text_encoder is None and cache.has_text:
         hidden, mask = cache.text(caption_ids)
-    else:
-        text_encoder = text_encoder or models.text_encoder
-        prompts = [cache.prompt(i) for i in caption_ids.tolist()]
-        hidden, mask = encode_prompt(
-            prompts, models.tokenizer, text_encoder, device, use_attention_mask=models.use_attention_mask
-        )
+        return hidden.to(device), mask.to(device) if models.use_attention_mask else None
+    return encode_text([cache.prompt(i) for i in caption_ids.tolist()], models, text_encoder, device)
+
+
+def encode_text(
+    prompts: list[str], models: Models, text_encoder: torch.nn.Module | None, device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(hidden, mask or None)` of `prompts`, encoded by `text_encoder` (being trained), else by the frozen one."""
+    text_encoder = text_encoder or models.text_encoder
+    hidden, mask = encode_prompt(
+        prompts, models.tokenizer, text_encoder, device, use_attention_mask=models.use_attention_mask
+    )
     return hidden.to(device), mask.to(device) if models.use_attention_mask else None
+
+
+def step_inputs(
+    config: TrainLDMConfig, accelerator, models: Models, data: Data, encoder, batch: dict, micro_step: int
+) -> tuple[torch.Generator, dict[str, torch.Tensor | None]]:
+    """The step generator to draw on (noise, timesteps) and the U-Net's inputs of one micro-batch from the loader: a
+    cached batch's latents (drawn by the loader, its generator's state with them) and caption rows; or a streamed
+    batch's pixels and captions, encoded now (the posterior sample and caption dropout drawn here)."""
+    device = accelerator.device
+    if data.streamed is None:
+        generator = torch.Generator()
+        generator.set_state(batch["generator_state"])
+        latents = scale_latents(models.vae, batch["latents"])
+        hidden, mask = text_conditioning(batch["caption_ids"], data.cache, models, encoder, device)
+    else:
+        generator = step_generator(config.seed, micro_step, accelerator.process_index)
+        with torch.no_grad():
+            mean, std = encode_posterior(models.vae, batch["pixels"].to(device, models.vae.dtype))
+        eps = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+        latents = scale_latents(models.vae, mean + std * eps).float()
+        dropped = (torch.rand(len(batch["captions"]), generator=generator) < config.caption_dropout).tolist()
+        prompts = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped)]
+        hidden, mask = encode_text(prompts, models, encoder, device)
+    latents = latents.to(device)
+    return generator, {"latents": latents, "hidden": hidden, "mask": mask} | {
+        key: batch.get(key) for key in ("loss_mask", "time_ids")
+    }
 
 
 def validate(config, accelerator, models, optimisation, data, state: RunState, ema, evaluation: bool) -> dict:
@@ -737,15 +885,7 @@ def main(argv: list[str] | None = None) -> Path:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    rank = accelerator.process_index
-    batches = iter(
-        MicroBatches(data.cache, data.stream, config.seed, rank, config.caption_dropout).loader(
-            state.global_step * accum,
-            config.max_train_steps * accum,
-            config.dataloader_num_workers,
-            pin_memory=device.type == "cuda",
-        )
-    )
+    batches = micro_batch_loader(config, accelerator, data, start=state.global_step * accum)
     # This session's: the share of the steps' time spent waiting for data is logged.
     data_seconds, step_seconds, first_step = 0.0, 0.0, state.global_step
     for model in opt.trained_models:
@@ -759,19 +899,23 @@ def main(argv: list[str] | None = None) -> Path:
                 wait_start = time.perf_counter()
                 batch = next(batches)  # read ahead by the loader's workers
                 data_seconds += time.perf_counter() - wait_start
-                # The micro-batch's step generator, after the draws of its rows: noise and timesteps come next.
-                generator = torch.Generator()
-                generator.set_state(batch["generator_state"])
+                if data.stream_state is not None:
+                    data.stream_state.update(batch)
                 seed_global_rng(config.seed, micro_step, accelerator.process_index)
-                latents, caption_ids = scale_latents(models.vae, batch["latents"]), batch["caption_ids"]
-                loss_mask = batch["loss_mask"]
                 # accelerate holds back the gradient sync until the last micro-batch (DDP's no_sync; FSDP and
                 # DeepSpeed their own) and scales the loss by 1 / accum in `backward`.
                 with accelerator.accumulate(*opt.trained_models), accelerator.autocast():
-                    hidden, mask = text_conditioning(caption_ids, data.cache, models, encoder, device)
-                    latents = latents.to(device)
+                    generator, inputs = step_inputs(config, accelerator, models, data, encoder, batch, micro_step)
                     sample_losses, _ = training_losses(
-                        opt.unet, models.noise_scheduler, latents, hidden, mask, objective, generator, loss_mask
+                        opt.unet,
+                        models.noise_scheduler,
+                        inputs["latents"],
+                        inputs["hidden"],
+                        inputs["mask"],
+                        objective,
+                        generator,
+                        inputs["loss_mask"],
+                        inputs["time_ids"],
                     )
                     if data.num_instance_rows is None:
                         micro_loss = sample_losses.mean()
@@ -801,6 +945,8 @@ def main(argv: list[str] | None = None) -> Path:
                 logs |= {"lr_text_encoder": lrs[1]} if config.text_encoder_trains else {}
                 logs |= {"grad_norm": grad_norm.item(), "train_minutes": state.train_seconds / 60}
                 logs |= {"data_wait_share": data_seconds / step_seconds}
+                if data.stream_state is not None:  # images the stream skipped (undecodable or too small), so far
+                    logs |= {"skipped_images": sum(data.stream_state.skipped.values())}
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=state.global_step)
             run.checkpoint_if_due()
@@ -842,7 +988,7 @@ def training_recipe(
     """How the pipeline was trained up to `state`, for its model card."""
     return TrainingRecipe(
         dataset=config.dataset,
-        num_images=data.stream.num_rows,
+        num_images=data.num_rows,
         steps=state.global_step,
         max_train_steps=config.max_train_steps,
         train_batch_size=config.train_batch_size,
