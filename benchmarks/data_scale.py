@@ -26,7 +26,7 @@ each is faster.
 `--baseline_python`: a Python whose `latentddpm` is the single-file cache's version (commit 9f38279), e.g.
     git worktree add /tmp/single-file 9f38279 && python -m venv --system-site-packages /tmp/single-file-env && \
         /tmp/single-file-env/bin/pip install --no-deps -e /tmp/single-file
-Without it the single-file rows are left out. Run it on an otherwise idle machine.
+(or set $SINGLE_FILE_CACHE_PYTHON). Without it the single-file rows are left out. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="training steps per memory measurement")
     parser.add_argument("--batch", type=int, default=64, help="train_batch_size")
     parser.add_argument("--work", default="outputs/bench/data_scale", help="data, caches and runs go here")
-    parser.add_argument("--baseline_python", default=None, help="a Python with the single-file cache's latentddpm")
+    parser.add_argument(
+        "--baseline_python",
+        default=os.environ.get("SINGLE_FILE_CACHE_PYTHON"),
+        help="a Python with the single-file cache's latentddpm (default: $SINGLE_FILE_CACHE_PYTHON)",
+    )
     parser.add_argument("--text_size", type=int, default=10_000, help="N of the per-batch text encoding rows")
     parser.add_argument("--build", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # time load_data (a worker)
     return parser.parse_args(argv)

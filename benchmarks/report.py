@@ -241,6 +241,10 @@ SECTIONS: dict[str, Section] = {
             _module("benchmarks.contention"), _module("benchmarks.contention", "--compile"), code_block=False
         ),
     ),
+    "data_scale": Section(
+        "Data at scale: the single-file latent cache vs the sharded, memory-mapped one",
+        command_outputs(_module("benchmarks.data_scale"), code_block=False),
+    ),
     "sd_sampling": Section(
         "Stable Diffusion: imported pipeline vs StableDiffusionPipeline",
         command_outputs(

@@ -214,10 +214,11 @@ def test_positions_of_another_num_workers_are_rejected(parquet_glob):
 
 def test_state_takes_batches_in_order():
     state = StreamingState(num_workers=2)
-    state.update({"micro_step": 0, "position": [0, 4]})
-    assert state.positions == [(0, 4), (0, 0)]
-    with pytest.raises(ValueError, match="Expected micro-batch 1, got 2"):
-        state.update({"micro_step": 2, "position": (0, 9)})
+    state.update({"micro_step": 0, "position": [0, 4], "skipped": {"corrupt": 1, "too small": 0}})
+    state.update({"micro_step": 1, "position": [0, 5], "skipped": {"corrupt": 1, "too small": 2}})
+    assert state.positions == [(0, 4), (0, 5)] and state.skipped == {"corrupt": 2, "too small": 2}
+    with pytest.raises(ValueError, match="Expected micro-batch 2, got 3"):
+        state.update({"micro_step": 3, "position": (0, 9)})
 
 
 def in_memory_stream(rows: list[int]):
