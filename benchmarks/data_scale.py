@@ -12,8 +12,9 @@ the demo. Training: the demo's U-Net (configs/unet/shapes.json) at 32x32 (8x8 la
 
 Per N, per cache:
 - build img/s: `train_ldm.load_data` timed (what `latentddpm cache` and train_ldm run when the cache is missing), with
-  1 and 2 processes (`accelerate launch --cpu --num_processes 2`) for the sharded cache; the single-file cache is built
-  by the main process alone;
+  1 and 2 processes for the sharded cache (2: gloo processes of a core each, `ACCELERATE_USE_CPU=true accelerate
+  launch --multi_gpu --num_processes 2`); the single-file cache is built by the main process alone (the parquet files
+  are converted to Arrow once, untimed, before any build);
 - bytes on disk per image;
 - peak anonymous memory (Pss_Anon of /proc/PID/smaps_rollup, summed over the training process and its data loader
   workers: pages a forked worker shares with its parent count once; memory-mapped pages of the cache are file-backed
@@ -150,12 +151,13 @@ def time_load_data(argv: list[str]) -> None:
 
 def run_build(python: str, processes: int, argv: list[str], cwd: Path) -> dict:
     # This file by path, from the work folder: `latentddpm` is then the one `python` has, not this checkout's.
-    command = [python, __file__, "--build", *argv]
-    if processes > 1:
-        command = [python, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes)]
+    command, env = [python, __file__, "--build", *argv], _env()
+    if processes > 1:  # gloo processes on the CPU, a core each (accelerate's --cpu alone would start one process)
+        command = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         command += [__file__, "--build", *argv]
-    output = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=_env())
+        env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    output = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     if output.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{output.stderr[-3000:]}")
     line = next(line for line in output.stdout.splitlines() if line.startswith(TIMING))
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work).resolve()
     sizes = [int(n) for n in args.sizes.split(",")]
     data = write_dataset(work / "data", max(sizes))
+    # Arrow-convert the parquet files once, before any build is timed (`datasets` caches it for all of them).
+    subprocess.run([sys.executable, "-c", f"import datasets, glob; datasets.load_dataset('parquet', data_files="
+                    f"sorted(glob.glob({data!r})), split='train')"], check=True, env=_env())  # fmt: skip
     vae = make_vae(work / "vae")
     caches: list[tuple[str, str, list[int], list[str]]] = []  # name, python, build processes, extra keys
     if args.baseline_python:
