@@ -15,6 +15,7 @@ Per N, per cache:
   1 and 2 processes for the sharded cache (2: gloo processes of a core each, `ACCELERATE_USE_CPU=true accelerate
   launch --multi_gpu --num_processes 2`); the single-file cache is built by the main process alone (the parquet files
   are converted to Arrow once, untimed, before any build);
+- peak anonymous memory of the 1-process build (as below; the single-file build holds the whole cache in memory);
 - bytes on disk per image;
 - peak anonymous memory (Pss_Anon of /proc/PID/smaps_rollup, summed over the training process and its data loader
   workers: pages a forked worker shares with its parent count once; memory-mapped pages of the cache are file-backed
@@ -150,6 +151,7 @@ def time_load_data(argv: list[str]) -> None:
 
 
 def run_build(python: str, processes: int, argv: list[str], cwd: Path) -> dict:
+    """Build a cache with `processes` processes: its images/s and the build's peak anonymous memory."""
     # This file by path, from the work folder: `latentddpm` is then the one `python` has, not this checkout's.
     command, env = [python, __file__, "--build", *argv], _env()
     if processes > 1:  # gloo processes on the CPU, a core each (accelerate's --cpu alone would start one process)
@@ -157,11 +159,9 @@ def run_build(python: str, processes: int, argv: list[str], cwd: Path) -> dict:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         command += [__file__, "--build", *argv]
         env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
-    output = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
-    if output.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output.stderr[-3000:]}")
-    line = next(line for line in output.stdout.splitlines() if line.startswith(TIMING))
-    return json.loads(line.removeprefix(TIMING))
+    output, peak_mib = run_measured(command, cwd, env)
+    built = json.loads(next(line for line in output.splitlines() if line.startswith(TIMING)).removeprefix(TIMING))
+    return {"rate": built["rows"] / built["seconds"], "rows": built["rows"], "peak_mib": peak_mib}
 
 
 def _env() -> dict:
@@ -180,18 +180,12 @@ def pss_anon_kib(pid: int) -> int:
     return int(match.group(1)) if match else 0
 
 
-def run_training(python: str, argv: list[str], cwd: Path) -> dict:
-    """A train-ldm run: its peak anonymous memory (with its children, the loader's workers) and its log."""
+def run_measured(command: list[str], cwd: Path, env: dict) -> tuple[str, float]:
+    """Run `command`: its output (stdout and stderr) and the peak anonymous memory, MiB, of it and its children
+    (accelerate's processes, the loader's workers) together, polled every 50 ms."""
     import psutil
 
-    process = subprocess.Popen(
-        [python, "-m", "latentddpm.cli", "train-ldm", *argv],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(),
-    )
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak, log = 0, []
     reader = threading.Thread(target=lambda: log.extend(process.stdout), daemon=True)
     reader.start()
@@ -206,10 +200,17 @@ def run_training(python: str, argv: list[str], cwd: Path) -> dict:
     reader.join()
     text = "".join(log)
     if process.returncode:
-        raise RuntimeError(f"train-ldm failed:\n{text[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed:\n{text[-3000:]}")
+    return text, peak / 1024
+
+
+def run_training(python: str, argv: list[str], cwd: Path) -> dict:
+    """A train-ldm run on a built cache: its peak anonymous memory, and the step time and share of it spent waiting
+    for data, which the sharded cache's loop logs."""
+    text, peak_mib = run_measured([python, "-m", "latentddpm.cli", "train-ldm", *argv], cwd, _env())
     wait = re.search(r"Waited for data ([\d.]+)% of the training steps' time \((\d+) steps, ([\d.]+) s\)", text)
-    result = {"peak_mib": peak / 1024, "data_wait": None, "step_ms": None}
-    if wait:  # the sharded cache's loop logs it
+    result = {"peak_mib": peak_mib, "data_wait": None, "step_ms": None}
+    if wait:
         result |= {"data_wait": float(wait.group(1)) / 100, "step_ms": float(wait.group(3)) / int(wait.group(2)) * 1e3}
     return result
 
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(cache_dir, ignore_errors=True)
                 keys = config_args(data, vae, n, cache_dir, output_dir, args.steps, args.batch) + extra
                 built = run_build(python, p, keys, work)
-                row[f"build_{p}"] = built["rows"] / built["seconds"]
+                row[f"build_{p}"] = built["rate"]
+                row[f"build_peak_mib_{p}"] = built["peak_mib"]
                 row["bytes"] = cache_bytes(cache_dir) / built["rows"]
             row |= run_training(python, keys, work)
             rows.append(row)
@@ -256,20 +258,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
+    """One table: per size and cache, the build (rate, peak memory of the 1-process build, bytes) and the training
+    (peak memory, waiting for data, step time); memory also against the same cache's smallest size."""
     lines = [
-        "| images | cache | build img/s, 1 process | 2 processes | bytes/image on disk | peak anon MiB, training | "
-        "vs 1k | waiting for data | ms/step |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| images | cache | build img/s, 1 process | 2 processes | build peak anon MiB (1 process) | vs smallest | "
+        "bytes/image on disk | training peak anon MiB | vs smallest | waiting for data | ms/step |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    first = {}
+    smallest: dict[str, dict] = {}
     for row in rows:
-        first.setdefault(row["cache"], row["peak_mib"])
+        first = smallest.setdefault(row["cache"], row)
         two = f"{row['build_2']:.0f}" if "build_2" in row else "-"
         wait = f"{row['data_wait']:.1%}" if row["data_wait"] is not None else "(not logged)"
         step = f"{row['step_ms']:.0f}" if row["step_ms"] is not None else "(not logged)"
+        build_peak, train_peak = row["build_peak_mib_1"], row["peak_mib"]
         lines.append(
-            f"| {row['n']:,} | {row['cache']} | {row['build_1']:.0f} | {two} | {row['bytes']:,.0f} | "
-            f"{row['peak_mib']:.0f} | {row['peak_mib'] / first[row['cache']]:.2f}x | {wait} | {step} |"
+            f"| {row['n']:,} | {row['cache']} | {row['build_1']:.0f} | {two} | {build_peak:.0f} | "
+            f"{build_peak / first['build_peak_mib_1']:.2f}x | {row['bytes']:,.0f} | {train_peak:.0f} | "
+            f"{train_peak / first['peak_mib']:.2f}x | {wait} | {step} |"
         )
     return "\n".join(lines)
 

@@ -97,7 +97,7 @@ class _Group:
 
     start: int
     rows: int
-    tensors: dict[str, torch.Tensor]  # latent_mean, latent_std, caption_ids (and loss_mask)
+    tensors: dict[str, torch.Tensor]  # latent_mean, latent_std, caption_ids (and loss_mask, time_ids), memory-mapped
 
 
 class LatentCache:
@@ -142,10 +142,6 @@ class LatentCache:
         """The caption of a caption row; `""` for `empty_prompt_id`."""
         return "" if caption_id == self.empty_prompt_id else self.captions[caption_id]
 
-    def latent_size(self, row: int) -> tuple[int, int]:
-        """`(h, w)` of a row's latents."""
-        return tuple(self.groups[self._group_of(torch.tensor([row])).item()].tensors["latent_mean"].shape[-2:])
-
     def rows_by_size(self) -> dict[tuple[int, int], torch.Tensor]:
         """The rows of each latent size (aspect-ratio bucket), in row order."""
         sizes: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -160,8 +156,8 @@ class LatentCache:
         return torch.searchsorted(self._starts, rows, right=True) - 1
 
     def gather(self, key: str, rows: torch.Tensor) -> torch.Tensor:
-        """Tensor `key` (latent_mean, latent_std, caption_ids, loss_mask) of `rows`, read from the shards; every row
-        must have the same latent size."""
+        """Tensor `key` (latent_mean, latent_std, caption_ids, loss_mask, time_ids) of `rows`, read from the shards;
+        every row must have the same latent size."""
         groups = self._group_of(rows)
         parts = {g: self.groups[g] for g in groups.unique().tolist()}
         shapes = {tuple(group.tensors[key].shape[1:]) for group in parts.values()}

@@ -131,7 +131,7 @@ class TrainingRecipe:
     """How a pipeline was trained, for its model card ([`write_training_model_card`])."""
 
     dataset: str  # as configured: a Hub id, a local path, or "shapes"
-    num_images: int  # training rows (held-out rows excluded)
+    num_images: int | None  # training rows (held-out rows excluded); None: streamed, not counted
     steps: int  # optimizer steps taken
     max_train_steps: int  # optimizer steps planned
     train_batch_size: int  # per process and micro-batch
@@ -149,7 +149,7 @@ class TrainingRecipe:
         batch = self.train_batch_size * self.gradient_accumulation_steps * self.num_processes
         rows = [
             ("Base model", f"`{self.base_model}`" if self.base_model else "none (trained from scratch)"),
-            ("Data", f"`{self.dataset}`, {self.num_images} images"),
+            ("Data", f"`{self.dataset}`, " + ("streamed" if self.num_images is None else f"{self.num_images} images")),
             ("Steps", f"{self.steps} of {self.max_train_steps}" if self.steps < self.max_train_steps else self.steps),
             (
                 "Batch size",

@@ -95,3 +95,13 @@ def test_streaming_run_resumes_bitwise(tiny_vae, tmp_path, monkeypatch, num_work
     states = [json.loads((r / "checkpoints" / "checkpoint-4" / "stream_state_0.json").read_text()) for r in runs]
     assert states[0] == states[1] and states[0]["micro_step"] == 4  # positions and images skipped
     assert json.loads((checkpoint / "stream_state_0.json").read_text())["micro_step"] == 2
+    assert f"`{data}`, streamed" in (straight / "README.md").read_text()  # the model card's data row
+
+
+def test_cache_command_builds_the_cache_training_then_opens(tiny_vae, tmp_path, caplog):
+    args = ldm_args(tiny_vae, tmp_path, "--max_train_steps", "1", "--validation_prompts", "[]")
+    folder = train_ldm.cache_main(args)
+    assert (folder / "index.json").is_file() and folder.parent == tmp_path / "cache"
+    with caplog.at_level(logging.INFO):
+        train_ldm.main(args)
+    assert f"Reusing cached latents and text embeddings from {folder}" in caplog.text
