@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the U-Net's attention projections")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (fit them in 5 minutes)")
     parser.add_argument("--batch_size", type=int, default=8, help="instance rows per step (as many class rows)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
     parser.add_argument("--prior_loss_weight", type=float, default=1.0)
     parser.add_argument("--inference_steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=3.0)

